@@ -1,0 +1,49 @@
+r"""Shakespeare's complete works, character level (84 symbols), masked diffusion by default.
+
+    python experiments/train_teacher.py --config=configs/shakespeare_char.py:small \
+        --workdir=runs/shk_teacher
+    python experiments/distill.py --config=configs/shakespeare_char.py:small \
+        --workdir=runs/shk_k8 --config.distill.teacher_workdir=runs/shk_teacher \
+        --config.distill.student_steps=8
+
+Presets: tiny (seconds, tests), small (2 CPU cores, minutes), base (GPU/TPU, ≈170M, 1024 chars).
+Uniform diffusion: --config.kernel.kind=uniform (sets no noise input for students).
+"""
+
+from dmmd_jax import config_lib
+
+SIZES = {
+    "tiny": {"data.seq_len": 32, "model.num_layers": 2, "model.width": 64, "model.num_heads": 2,
+             "model.cond_dim": 32, "model.noise_dim": 8, "train.batch_size": 8,
+             "train.num_steps": 20, "train.warmup_steps": 5, "train.log_every": 5,
+             "train.eval_every": 10, "train.eval_batches": 2, "train.checkpoint_every": 10,
+             "train.num_samples": 4, "sample.steps": 8, "distill.batch_size": 8,
+             "distill.num_steps": 20, "distill.warmup_steps": 5, "distill.log_every": 5,
+             "distill.checkpoint_every": 10, "distill.eval_samples": 8,
+             "distill.student_steps": 4},
+    "small": {"data.seq_len": 128, "model.num_layers": 4, "model.width": 128,
+              "model.num_heads": 4, "model.cond_dim": 64, "model.noise_dim": 16,
+              "train.batch_size": 32, "train.num_steps": 1500, "train.learning_rate": 2e-3,
+              "train.warmup_steps": 100, "train.eval_every": 500, "train.checkpoint_every": 500,
+              "train.ema_decay": 0.99, "sample.steps": 128, "distill.batch_size": 32,
+              "distill.num_steps": 400, "distill.learning_rate": 3e-4,
+              "distill.aux_learning_rate": 3e-4, "distill.checkpoint_every": 200,
+              "distill.log_every": 25},
+    "base": {"data.seq_len": 1024, "model.num_layers": 12, "model.width": 768,
+             "model.num_heads": 12, "model.cond_dim": 128, "model.noise_dim": 64,
+             "model.dtype": "bfloat16", "train.batch_size": 256, "train.num_steps": 200_000,
+             "train.learning_rate": 3e-4, "train.warmup_steps": 2500, "train.ema_decay": 0.9999,
+             "train.eval_every": 5000, "train.checkpoint_every": 5000, "sample.steps": 1024,
+             "distill.batch_size": 256, "distill.num_steps": 20_000,
+             "distill.learning_rate": 3e-5, "distill.aux_learning_rate": 3e-5,
+             "distill.checkpoint_every": 2000},
+}
+
+
+def get_config(preset: str = "small"):
+  preset = config_lib.check_preset(preset)
+  config = config_lib.base_config()
+  config.data.source = "shakespeare"
+  config.data.tokenizer = "char"
+  config_lib.apply_overrides(config, SIZES[preset])
+  return config_lib.finish(config, preset)

@@ -1,0 +1,64 @@
+"""Load any workdir written by this project (teacher or student) as a ready-to-sample model."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from dmmd_jax import config_lib, distill, losses, sampling, train
+from dmmd_jax import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class Model:
+  """A trained teacher or student: setup (config, data, kernel, network) plus EMA parameters."""
+
+  workdir: str
+  kind: str  # "teacher" | "student"
+  setup: train.Setup
+  params: dict
+  student_steps: int | None  # k for students
+
+  @property
+  def default_steps(self) -> int:
+    return self.student_steps or self.setup.config.sample.steps
+
+  def noise_fn(self):
+    if self.kind != "student":
+      return None
+    return distill.student_noise_fn(self.setup, distill.DistillConfig.from_config(
+        self.setup.config))
+
+  def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
+             **sampler_overrides) -> np.ndarray:
+    """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once)."""
+    sampler_cfg = config_lib.sampler_config(self.setup.config, steps or self.default_steps,
+                                            **sampler_overrides)
+    sampler_cfg.validate()
+    batch_size = batch_size or num_samples
+    out = []
+    for i in range(0, num_samples, batch_size):
+      n = min(batch_size, num_samples - i)
+      out.append(np.asarray(sampling.sample(
+          jax.random.fold_in(jax.random.key(seed), i), self.setup.apply_fn, self.params,
+          self.setup.kernel, sampler_cfg, n, self.setup.seq_len, noise_fn=self.noise_fn())))
+    return np.concatenate(out)
+
+  def negative_elbo_bits(self, tokens: np.ndarray, seed: int = 0, repeats: int = 4) -> float:
+    """Mean negative ELBO (bits/token) of `tokens` under this model (teacher's ELBO)."""
+    loss = jax.jit(lambda key, x: losses.diffusion_loss(
+        key, self.params, self.setup.apply_fn, self.setup.kernel, x,
+        self.setup.config.train.uniform_elbo_steps))
+    nats = [float(np.mean(loss(jax.random.key(seed + r), tokens))) for r in range(repeats)]
+    return float(np.mean(nats)) / (self.setup.seq_len * np.log(2.0))
+
+
+def load(workdir: str) -> Model:
+  """Rebuild config, data, network and EMA parameters from a workdir (reads its config.json)."""
+  config = workdir_lib.load_config(workdir)
+  info = workdir_lib.load_run_info(workdir)
+  batch = config.train.batch_size if info["kind"] == "teacher" else config.distill.batch_size
+  setup = train.build_setup(config, batch)
+  name = "ema_params" if info["kind"] == "teacher" else "student_ema"
+  params = distill.place_params(workdir_lib.load_params(workdir, name), setup)
+  return Model(workdir, info["kind"], setup, params, info.get("student_steps"))
