@@ -41,8 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       aux_learning_rate=1e-4, warmup_steps=50, grad_clip=1.0, aux_updates_per_student=1,
       soft_targets=False, teacher_temperature=1.0, teacher_top_p=1.0, top_p_mode="soft",
       allow_hard_top_p=False, top_p_delta=2.0, samples_per_z=1, posterior_gap=1e-3,
-      use_noise=True, ema_decay=0.99, log_every=50, eval_every=0, eval_samples=64,
-      checkpoint_every=500))
+      use_noise=True, noise_init_scale=3.0, noise_lr_multiplier=1.0, ema_decay=0.99,
+      log_every=50, eval_every=0, eval_samples=64, checkpoint_every=500))
   return c
 
 
@@ -117,10 +117,11 @@ def validate(config) -> None:
       "train.uniform_elbo_steps", "distill.student_steps", "distill.num_steps",
       "distill.batch_size", "distill.learning_rate", "distill.aux_learning_rate",
       "distill.samples_per_z", "distill.aux_updates_per_student", "distill.posterior_gap",
-      "distill.log_every", "distill.checkpoint_every", "distill.teacher_temperature"])
+      "distill.log_every", "distill.checkpoint_every", "distill.teacher_temperature",
+      "distill.noise_lr_multiplier"])
   for key in ("train.warmup_steps", "train.eval_every", "train.sample_every",
-              "distill.warmup_steps", "distill.eval_every", "data.seq_len", "data.levels",
-              "data.max_examples", "data.vocab_size"):
+              "distill.warmup_steps", "distill.eval_every", "distill.noise_init_scale",
+              "data.seq_len", "data.levels", "data.max_examples", "data.vocab_size"):
     section, name = key.split(".")
     if config[section][name] < 0:
       raise ConfigError(f"config.{key} must be non-negative, got {config[section][name]}.")

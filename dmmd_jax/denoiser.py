@@ -137,11 +137,10 @@ class Transformer(nn.Module):
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = emb(tokens).astype(dt)
-    if cfg.noise_kind != "none":
-      # Created even when noise is None so teacher and student share one parameter tree.
+    if noise is not None:
+      # init_params always passes noise, so teacher and student share one parameter tree; a
+      # teacher (noise=None) never touches these weights, which stay at their zero init.
       proj = _dense(cfg.width, ("noise", "embed"), "noise_proj", dt, zero=True)
-      if noise is None:
-        noise = jnp.zeros(tokens.shape + (cfg.noise_dim,), dt)
       x = x + proj(noise.astype(dt))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 

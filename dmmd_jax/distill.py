@@ -238,7 +238,8 @@ def load_teacher(setup, teacher_workdir: str):
     raise DistillError(f"teacher workdir {teacher_workdir} has no config.json; train a teacher "
                        "there first (experiments/train_teacher.py).")
   stored = workdir_lib.read_json(config_path)
-  mismatch = workdir_lib.architecture_mismatch(stored, workdir_lib.config_to_dict(setup.config))
+  mismatch = workdir_lib.architecture_mismatch(stored, workdir_lib.config_to_dict(setup.config),
+                                               ignore=workdir_lib.STUDENT_FREE_KEYS)
   if mismatch:
     raise DistillError(f"teacher at {teacher_workdir} does not match this config ({mismatch}).")
   info = workdir_lib.load_run_info(teacher_workdir)["data_info"]
@@ -246,20 +247,35 @@ def load_teacher(setup, teacher_workdir: str):
     raise DistillError(f"teacher vocabulary/length {info.vocab_size}/{info.seq_len} differ from "
                        f"the data's {setup.info.vocab_size}/{setup.info.seq_len}.")
   params = workdir_lib.load_params(teacher_workdir, "ema_params")
-  return place_params(params, setup)
+  return place_params(params, setup, fresh_noise_projection=True)
 
 
-def place_params(params, setup):
-  """Check host params against the model's shapes and put them on the mesh with its shardings."""
+def place_params(params, setup, fresh_noise_projection: bool = False):
+  """Check host params against the model's shapes and put them on the mesh with its shardings.
+
+  fresh_noise_projection: replace the (unused, teacher-side) noise projection by zeros of this
+  model's noise size, so a student may choose its own noise input.
+  """
   boxed = jax.eval_shape(functools.partial(denoiser.init_params, cfg=setup.model_cfg),
                          jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, setup.mesh)
   expected = jax.tree.map(lambda x: x.shape, flax.linen.unbox(boxed))
+  params = dict(params)
+  if fresh_noise_projection:
+    params.pop("noise_proj", None)
+    if "noise_proj" in expected:
+      params["noise_proj"] = jax.tree.map(lambda shape: np.zeros(shape, np.float32),
+                                          expected["noise_proj"], is_leaf=_is_shape)
   got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-  if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+  if jax.tree.structure(expected, is_leaf=_is_shape) != jax.tree.structure(
+      got, is_leaf=_is_shape) or expected != got:
     raise DistillError("checkpoint parameters do not match the model config (different layers, "
                        "width or vocabulary).")
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
 
 
 def student_noise_fn(setup, cfg: DistillConfig):
@@ -272,21 +288,40 @@ def _noise(key, batch_size, *, model_cfg):
   return denoiser.sample_noise(key, model_cfg, batch_size)
 
 
-def init_distill_state(teacher, student_opt, aux_opt, mesh):
-  """Student, its EMA and the auxiliary start as copies of the teacher (never its optimizer)."""
+def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scale: float):
+  """Student, its EMA and the auxiliary start as copies of the teacher (never its optimizer).
+
+  The student's noise projection gets N(0, noise_init_scale² / noise_dim) weights, so the
+  injected noise has per-feature std noise_init_scale (0 gives the paper's exact copy). Why not
+  0 by default: with a zero projection the expected gradient on it is zero too (the student's
+  samples do not depend on ε yet), and the D-MMD loss is unstable towards ε-independent mode
+  collapse, so on the copy task the student collapses to one token before it learns to use its
+  noise (tests/test_distill.py, RESULTS.md).
+  """
   copy = functools.partial(jax.tree.map, jnp.copy)
-  student, aux = copy(teacher), copy(teacher)
+  student = copy(teacher)
+  if "noise_proj" in student and noise_init_scale:
+    kernel = student["noise_proj"]["kernel"]
+    scale = noise_init_scale / np.sqrt(kernel.shape[0])
+    student["noise_proj"] = dict(student["noise_proj"], kernel=jax.device_put(
+        scale * jax.random.normal(key, kernel.shape, kernel.dtype), kernel.sharding))
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  return DistillState(step=step, student=student, student_ema=copy(teacher), aux=aux,
+  return DistillState(step=step, student=student, student_ema=copy(student), aux=copy(teacher),
                       student_opt=jax.jit(student_opt.init)(student),
-                      aux_opt=jax.jit(aux_opt.init)(aux))
+                      aux_opt=jax.jit(aux_opt.init)(teacher))
 
 
 def distill_optimizers(config):
+  """(student, auxiliary) optimizers; the student's noise projection may learn faster."""
   d = config.distill
   make = functools.partial(train_lib.make_optimizer, warmup_steps=d.warmup_steps,
                            total_steps=d.num_steps, grad_clip=d.grad_clip)
-  return make(d.learning_rate), make(d.aux_learning_rate)
+  student = make(d.learning_rate)
+  if d.noise_lr_multiplier != 1.0:
+    student = optax.multi_transform(
+        {"default": student, "noise": make(d.learning_rate * d.noise_lr_multiplier)},
+        lambda params: {k: ("noise" if k == "noise_proj" else "default") for k in params})
+  return student, make(d.aux_learning_rate)
 
 
 def compile_updates(setup, cfg: DistillConfig, student_opt, aux_opt, shardings, teacher_shardings):
@@ -326,7 +361,8 @@ def distill(config, workdir: str) -> dict:
                                         "student_steps": d.student_steps,
                                         "teacher_workdir": d.teacher_workdir})
   student_opt, aux_opt = distill_optimizers(config)
-  state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh)
+  state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
+                             jax.random.key(config.seed + 1), d.noise_init_scale)
   shardings = train_lib.shardings_of(state)
   iterator = train_lib.data_iterator(setup, d.batch_size, config.seed)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)

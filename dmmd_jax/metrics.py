@@ -78,6 +78,7 @@ def _hash_ngrams(tokens, order: int, num_buckets: int):
   return (h % jnp.uint32(num_buckets)).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("max_ngram", "num_buckets"))
 def ngram_features(tokens, max_ngram: int, num_buckets: int):
   """L2-normalised hashed n-gram counts (n = 1..max_ngram): int `[n, L]` → `[n, num_buckets]`."""
   orders = [o for o in range(1, max_ngram + 1) if o <= tokens.shape[1]]
@@ -106,6 +107,7 @@ def _pairwise(kernel: SequenceKernel, fa, fb):
   return jnp.exp(-jnp.maximum(sq, 0.0) / (2.0 * kernel.sigma**2))
 
 
+@functools.partial(jax.jit, static_argnames=("kernel",))
 def kernel_matrix(x, y, kernel: SequenceKernel = SequenceKernel()):
   """The dense kernel matrix k(x_i, y_j): int `[n, L]`, `[m, L]` → `[n, m]` (small inputs only)."""
   return _pairwise(kernel, _featurize(kernel, x), _featurize(kernel, y))
@@ -358,18 +360,20 @@ def _half_rows(model_tokens, data_tokens, model_idx, data_idx, micro_batch: int)
   """Rows and weights of every half: model rows weigh +1/n_model, data rows −1/n_data.
 
   Returns:
-    rows int `[P, 2, num_micro, micro_batch, L]` and weights `[P, 2, num_micro, micro_batch]`
-    (zero-weight padding completes the last micro-batch).
+    rows int `[P, 2, num_micro, size, L]` and weights `[P, 2, num_micro, size]`: the fewest
+    micro-batches of at most `micro_batch` rows, equal in size, completed by zero-weight padding.
   """
   rows = jnp.concatenate([model_tokens[model_idx], data_tokens[data_idx]], axis=2)
   weights = jnp.concatenate([jnp.full(model_idx.shape, 1.0 / model_idx.shape[-1]),
                              jnp.full(data_idx.shape, -1.0 / data_idx.shape[-1])], axis=2)
-  pad = -rows.shape[2] % micro_batch
+  num_micro = -(-rows.shape[2] // micro_batch)
+  size = -(-rows.shape[2] // num_micro)  # ≤ micro_batch, with the least padding.
+  pad = num_micro * size - rows.shape[2]
   rows = jnp.pad(rows, ((0, 0), (0, 0), (0, pad), (0, 0)))
   weights = jnp.pad(weights, ((0, 0), (0, 0), (0, pad)))
   p = rows.shape[0]
-  return (rows.reshape(p, 2, -1, micro_batch, rows.shape[-1]),
-          weights.reshape(p, 2, -1, micro_batch))
+  return (rows.reshape(p, 2, num_micro, size, rows.shape[-1]),
+          weights.reshape(p, 2, num_micro, size))
 
 
 @functools.partial(jax.jit, static_argnames=("loglik_fn", "num_pairs", "micro_batch"))
@@ -381,17 +385,17 @@ def _gradient_moment_pairs(loglik_fn, params, model_tokens, data_tokens, key, nu
   data_idx = pair_split_indices(data_key, data_tokens.shape[0], num_pairs)
   rows, weights = _half_rows(model_tokens, data_tokens, model_idx, data_idx, micro_batch)
 
-  def pair(carry, batch):
-    total, sq_norms = carry
-    h1 = _half_gradient(loglik_fn, params, batch[0][0], batch[1][0])
-    h2 = _half_gradient(loglik_fn, params, batch[0][1], batch[1][1])
-    total = jax.tree.map(lambda t, a, b: t + a + b, total, h1, h2)
-    sq_norms = sq_norms + _tree_vdot(h1, h1) + _tree_vdot(h2, h2)
-    return (total, sq_norms), _tree_vdot(h1, h2)
+  def half(carry, batch):
+    previous, total, sq_norms = carry
+    h = _half_gradient(loglik_fn, params, *batch)
+    carry = (h, jax.tree.map(jnp.add, total, h), sq_norms + _tree_vdot(h, h))
+    return carry, _tree_vdot(previous, h)
 
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
-  (total, sq_norms), estimates = lax.scan(pair, init, (rows, weights))
-  return estimates, _tree_vdot(total, total), sq_norms
+  # One scan over the 2P halves in order; the product at an odd half 2p + 1 is pair p's estimate.
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  flat = jax.tree.map(lambda a: a.reshape((2 * num_pairs,) + a.shape[2:]), (rows, weights))
+  (_, total, sq_norms), products = lax.scan(half, (zeros, zeros, jnp.zeros(())), flat)
+  return products[1::2], _tree_vdot(total, total), sq_norms
 
 
 def gradient_moment(loglik_fn, params, model_tokens, data_tokens, key, num_pairs: int = 16,
@@ -421,7 +425,8 @@ def gradient_moment(loglik_fn, params, model_tokens, data_tokens, key, num_pairs
     num_pairs: number of independent pairs P ≥ 2; each half holds n // (2P) model and
       m // (2P) data sequences (the remainder is left out). More pairs give a better standard
       error estimate but noisier individual pairs.
-    micro_batch: rows per gradient evaluation (model and data rows of one half together).
+    micro_batch: most rows per gradient evaluation (a half's n // (2P) + m // (2P) model and
+      data rows are evaluated together, in equal micro-batches with the least padding).
 
   Returns:
     `GradientMoment` (host float64 statistics).

@@ -199,12 +199,21 @@ def make_optimizer(lr: float, num_steps: int, weight_decay: float = 0.01):
                      optax.adamw(schedule, b2=0.99, weight_decay=weight_decay))
 
 
-def _train_step(optimizer, config, params, opt_state, batch):
-  """One AdamW step on the mean token NLL of `batch` `[b, L]`; returns (params, state, nll)."""
-  loss_fn = lambda p: -jnp.mean(token_log_probs(p, batch, config=config))
-  nll, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, nll
+@functools.lru_cache(maxsize=16)
+def _optimizer_and_step(config: ReferenceLMConfig, lr: float, num_steps: int,
+                        weight_decay: float):
+  """The optimiser and its jitted training step (cached, so repeated runs compile once)."""
+  optimizer = make_optimizer(lr, num_steps, weight_decay)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    """One AdamW step on the mean token NLL of `batch` `[b, L]` → (params, state, nll)."""
+    loss_fn = lambda p: -jnp.mean(token_log_probs(p, batch, config=config))
+    nll, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, nll
+
+  return optimizer, step
 
 
 def _batch_indices(rng, num_examples: int, batch_size: int, num_steps: int):
@@ -243,9 +252,8 @@ def train_reference_lm(tokens, config: ReferenceLMConfig, *, num_steps: int, bat
   """
   tokens = np.asarray(tokens, np.int32)
   params = init_params(jax.random.PRNGKey(seed), config) if init is None else init
-  optimizer = make_optimizer(lr, num_steps, weight_decay)
+  optimizer, step_fn = _optimizer_and_step(config, lr, num_steps, weight_decay)
   opt_state = optimizer.init(params)
-  step_fn = jax.jit(functools.partial(_train_step, optimizer, config))
   order = _batch_indices(np.random.default_rng(seed), len(tokens), batch_size, num_steps)
   history = {"step": [], "train_nll": []} | ({"eval_nll": []} if eval_tokens is not None else {})
   window = []

@@ -19,6 +19,10 @@ from dmmd_jax import data as data_lib
 
 # Sections that must agree between a stored run and a resumed / consuming run.
 ARCHITECTURE_SECTIONS = ("data", "kernel", "model")
+# Keys a student may set differently from its teacher: the noise input is the student's own
+# (the teacher never uses it), and compute choices do not change the float32 parameters.
+STUDENT_FREE_KEYS = ("model.noise_kind", "model.noise_dim", "model.pyramid_levels",
+                     "model.dtype", "model.attention_impl")
 
 
 class WorkdirError(ValueError):
@@ -51,12 +55,12 @@ def load_run_info(workdir: str) -> dict:
   return info
 
 
-def architecture_mismatch(stored: dict, current: dict, sections=ARCHITECTURE_SECTIONS):
-  """First differing `section.key` between two config dicts, as a message, or None."""
-  for section in sections:
+def architecture_mismatch(stored: dict, current: dict, ignore=()):
+  """First differing `section.key` (outside `ignore`) between two config dicts, or None."""
+  for section in ARCHITECTURE_SECTIONS:
     a, b = stored.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key):
+      if a.get(key) != b.get(key) and f"{section}.{key}" not in ignore:
         return f"{section}.{key}: stored {a.get(key)!r}, now {b.get(key)!r}"
   return None
 

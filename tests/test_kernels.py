@@ -22,7 +22,7 @@ COMBO_IDS = [f"{k}-{s}" for k, s in COMBOS]
 # (s, t) pairs for the brute-force posterior: s = 0, t = 1, generic, and 1e-4 apart.
 PAIRS = [
   (0.0, 0.3), (0.0, 1.0), (0.15, 0.5), (0.5, 0.9), (0.7, 1.0),
-  (0.05, 0.0501), (0.4, 0.4001), (0.9999, 1.0),
+  (0.2, 0.2001), (0.4, 0.4001), (0.9999, 1.0),
 ]
 ATOL, RTOL = 2e-5, 1e-3
 
@@ -93,6 +93,7 @@ def random_simplex(rng, shape, k):
 
 # One jitted posterior, compiled once per (kernel, shape); eager == jit is tested separately.
 _posterior_jit = jax.jit(kernels.posterior_log_probs, static_argnums=0)
+_marginal_jit = jax.jit(kernels.marginal_probs, static_argnums=0)
 M = 6  # columns of the standard layout: soft x̂ samples, or hard x = arange(M) % K
 
 
@@ -167,17 +168,20 @@ def test_prior_probs(kind):
   np.testing.assert_allclose(np.asarray(kernels.prior_probs(kernel)), ref_prior(kind, 4))
 
 
+PRIOR_SHAPE = (4, 50_000)
+
+
 def test_sample_prior_masked_is_all_mask():
-  kernel = kernels.Kernel("masked", 4)
-  z = kernels.sample_prior(jax.random.key(0), kernel, (3, 7))
-  assert z.shape == (3, 7) and z.dtype == jnp.int32
+  kernel = kernels.Kernel("masked", 3)
+  z = kernels.sample_prior(jax.random.key(0), kernel, PRIOR_SHAPE)
+  assert z.shape == PRIOR_SHAPE and z.dtype == jnp.int32
   assert np.all(np.asarray(z) == kernel.mask_id)
 
 
 def test_sample_prior_uniform_frequencies():
-  k, n = 5, 200_000
-  z = kernels.sample_prior(jax.random.key(1), kernels.Kernel("uniform", k), (4, n // 4))
-  assert z.shape == (4, n // 4) and z.dtype == jnp.int32
+  k, n = 5, PRIOR_SHAPE[0] * PRIOR_SHAPE[1]
+  z = kernels.sample_prior(jax.random.key(1), kernels.Kernel("uniform", k), PRIOR_SHAPE)
+  assert z.shape == PRIOR_SHAPE and z.dtype == jnp.int32
   z = np.asarray(z).ravel()
   assert z.min() >= 0 and z.max() < k
   freq = np.bincount(z, minlength=k) / n
@@ -189,7 +193,7 @@ def test_sample_prior_uniform_frequencies():
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("k", [2, 4])
 def test_marginal_probs_vs_product_of_transitions(kind, schedule, k):
   kernel = kernels.Kernel(kind, k, schedule)
   times = f32(0.0, 1e-3, 0.2, 0.5, 0.77, 1.0)
@@ -200,17 +204,18 @@ def test_marginal_probs_vs_product_of_transitions(kind, schedule, k):
     a = ref_alpha(t, schedule)
     np.testing.assert_allclose(q, a * np.eye(n_states(kind, k))[:k]
                                + (1 - a) * ref_prior(kind, k), atol=1e-12)
-  # Hard x: x_probs [T, K, K] (one-hot rows), t [T, 1] broadcast over the x axis.
-  hard = np.asarray(kernels.marginal_probs(
-    kernel, jnp.broadcast_to(jnp.eye(k), (len(times), k, k)), jnp.array(times)[:, None]))
-  assert hard.shape == (len(times), k, n_states(kind, k))
-  np.testing.assert_allclose(hard, ref, atol=1e-6)
-  # Soft x: q(z_t | x̂) = x̂ᵀ Q̄_t.
+  # x_probs [T, K + 3, K]: the K one-hot rows (hard x), then 3 soft x̂; t [T, 1] per row.
   xh = random_simplex(np.random.default_rng(k), (len(times), 3), k)
-  soft = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(xh), jnp.array(times)[:, None]))
-  np.testing.assert_allclose(soft, np.einsum("tmc,tcz->tmz", xh.astype(np.float64), ref),
+  x_probs = np.concatenate([np.broadcast_to(np.eye(k, dtype=np.float32), (len(times), k, k)),
+                            xh], axis=1)
+  got = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(x_probs),
+                                          jnp.array(times)[:, None]))
+  assert got.shape == (len(times), k + 3, n_states(kind, k))
+  np.testing.assert_allclose(got[:, :k], ref, atol=1e-6)
+  # Soft x: q(z_t | x̂) = x̂ᵀ Q̄_t.
+  np.testing.assert_allclose(got[:, k:], np.einsum("tmc,tcz->tmz", xh.astype(np.float64), ref),
                              atol=1e-6)
-  np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
@@ -233,19 +238,6 @@ def test_sample_marginal_frequencies(kind, schedule):
     # Exact where the reference probability is 0 or 1 (within rounding), 5 SE elsewhere.
     tol = np.where(se > 0, 5 * se, 1e-12)
     assert np.all(np.abs(freq - p) <= tol), (t, freq, p)
-
-
-def test_sample_marginal_uses_key():
-  kernel = kernels.Kernel("uniform", 5)
-  x = jnp.zeros((2, 1000), jnp.int32)
-  t = jnp.array([0.5, 0.5])
-  a = kernels.sample_marginal(jax.random.key(0), kernel, x, t)
-  b = kernels.sample_marginal(jax.random.key(0), kernel, x, t)
-  c = kernels.sample_marginal(jax.random.key(1), kernel, x, t)
-  np.testing.assert_array_equal(a, b)
-  assert np.any(np.asarray(a) != np.asarray(c))
-  # The two rows use independent randomness.
-  assert np.any(np.asarray(a[0]) != np.asarray(a[1]))
 
 
 # ---------------------------------------------------------------- posterior: brute force
@@ -275,25 +267,22 @@ def test_posterior_hard_x_vs_dense_matrices(kind, schedule, k):
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [2, 4])
 def test_posterior_soft_x_is_mixture_of_hard_posteriors(kind, schedule, k):
-  rng = np.random.default_rng(100 + k)
   kernel = kernels.Kernel(kind, k, schedule)
-  v, m = n_states(kind, k), 6
-  xh = random_simplex(rng, (m,), k)  # [m, K]
+  v = n_states(kind, k)
+  xh = soft_x(100 + k, k)  # [M, K]
   for s, t in PAIRS:
     s, t = f32(s, t)
     ref = ref_posterior(kind, k, schedule, s, t)  # [c, z_t, z_s]
-    z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-    log_x = np.broadcast_to(np.log(xh)[None], (v, m, k))
-    got = posterior(kernel, z_t, log_x, s, t)  # [z_t, m, z_s]
+    got = posterior_all_zt(kernel, np.log(xh), s, t)  # [z_t, M, z_s]
     assert not np.any(np.isnan(got))
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
     mix = np.einsum("mc,czs->zms", xh.astype(np.float64), ref)
     if kind == "masked":
       # Only z_t = MASK is reachable from every clean token; unmasked z_t stay put.
       np.testing.assert_allclose(got[k], mix[k], atol=ATOL, rtol=RTOL)
-      np.testing.assert_allclose(got[:k], np.broadcast_to(np.eye(v)[:k, None], (k, m, v)),
+      np.testing.assert_allclose(got[:k], np.broadcast_to(np.eye(v)[:k, None], (k, M, v)),
                                  atol=1e-6)
     else:
       np.testing.assert_allclose(got, mix, atol=ATOL, rtol=RTOL)
@@ -309,32 +298,29 @@ def plug_in(kind, k, schedule, xh, s, t):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_masked_mixture_equals_plug_in(schedule):
-  k, m = 4, 5
+  k = 4
   kernel = kernels.Kernel("masked", k, schedule)
-  xh = random_simplex(np.random.default_rng(3), (m,), k)
-  for s, t in [(0.1, 0.35), (0.5, 0.9), (0.0, 0.6), (0.3, 1.0)]:
+  xh = soft_x(3, k)
+  for s, t in [(0.1, 0.35), (0.5, 0.9), (0.0, 0.6), (0.3, 0.97)]:
     s, t = f32(s, t)
-    z_t = np.broadcast_to(np.arange(k + 1)[:, None], (k + 1, m))
-    got = posterior(kernel, z_t, np.broadcast_to(np.log(xh), (k + 1, m, k)), s, t)
+    got = posterior_all_zt(kernel, np.log(xh), s, t)
     np.testing.assert_allclose(got, plug_in("masked", k, schedule, xh, s, t), atol=ATOL)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_uniform_mixture_differs_from_plug_in(schedule):
-  k, m = 4, 5
+  k = 4
   kernel = kernels.Kernel("uniform", k, schedule)
-  xh = random_simplex(np.random.default_rng(4), (m,), k)
+  xh = soft_x(4, k)
   s, t = f32(0.3, 0.7)
-  z_t = np.broadcast_to(np.arange(k)[:, None], (k, m))
-  got = posterior(kernel, z_t, np.broadcast_to(np.log(xh), (k, m, k)), s, t)
+  got = posterior_all_zt(kernel, np.log(xh), s, t)
   mix = np.einsum("mc,czs->zms", xh.astype(np.float64), ref_posterior("uniform", k, schedule, s, t))
   np.testing.assert_allclose(got, mix, atol=ATOL, rtol=RTOL)
+  # The documented nonlinearity: the normaliser depends on x̂, so the plug-in formula differs.
   assert np.abs(got - plug_in("uniform", k, schedule, xh, s, t)).max() > 1e-2
   # ... but both agree for a hard x (where the plug-in is the exact posterior).
-  hard = np.eye(k, dtype=np.float32)
-  with np.errstate(divide="ignore"):
-    got_h = posterior(kernel, np.broadcast_to(np.arange(k)[:, None], (k, k)),
-                      np.broadcast_to(np.log(hard), (k, k, k)), s, t)
+  got_h = posterior_all_zt(kernel, kernels.log_one_hot(jnp.asarray(hard_x(k)), k), s, t)
+  hard = np.eye(k)[hard_x(k)]
   np.testing.assert_allclose(got_h, plug_in("uniform", k, schedule, hard, s, t), atol=ATOL)
 
 
@@ -346,10 +332,15 @@ def _reachable(kind, k, schedule, t):
   return marginal_matrix(kind, k, schedule, t)[:k] > 0
 
 
-@pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("t", [0.0, 0.37, 1.0])
+# s = t = 1 is left out for the uniform kernel: there α_{t|s} = 0/0 and the posterior jumps
+# (for every s < 1 it is q(z_s | x), whose limit is π, while Q_{1|1} = I gives δ_{z_t}).
+S_EQ_T = [(kind, schedule, t) for kind, schedule in COMBOS for t in (0.0, 0.37, 0.999, 1.0)
+          if not (kind == "uniform" and t == 1.0)]
+
+
+@pytest.mark.parametrize("kind, schedule, t", S_EQ_T)
 def test_posterior_s_equals_t_hard_x_is_identity(kind, schedule, t):
-  k = 3
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   got = all_hard_posteriors(kernel, t, t)
   valid = _reachable(kind, k, schedule, t)
@@ -357,41 +348,37 @@ def test_posterior_s_equals_t_hard_x_is_identity(kind, schedule, t):
   np.testing.assert_allclose(got[valid], delta[valid], atol=1e-6)
 
 
-@pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("t", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("kind, schedule, t", S_EQ_T)
 def test_posterior_s_equals_t_soft_x_is_identity(kind, schedule, t):
-  k, m = 3, 4
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   v = n_states(kind, k)
-  xh = random_simplex(np.random.default_rng(5), (m,), k)
-  z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-  got = posterior(kernel, z_t, np.broadcast_to(np.log(xh), (v, m, k)), t, t)
-  np.testing.assert_allclose(got, np.broadcast_to(np.eye(v)[:, None], (v, m, v)), atol=1e-6)
+  got = posterior_all_zt(kernel, np.log(soft_x(5, k)), t, t)
+  np.testing.assert_allclose(got, np.broadcast_to(np.eye(v)[:, None], (v, M, v)), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("t", [0.3, 0.8, 1.0])
+@pytest.mark.parametrize("t", [0.3, 0.8])
 def test_posterior_tends_to_identity_as_s_tends_to_t(kind, schedule, t):
-  k, m = 3, 4
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   v = n_states(kind, k)
-  xh = random_simplex(np.random.default_rng(6), (m,), k)
-  z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-  log_x = np.broadcast_to(np.log(xh), (v, m, k))
-  stay = []
+  log_x = np.log(soft_x(6, k))
+  leave = []  # 1 − P(z_s = z_t), [gap, z_t, M]
   for gap in [1e-1, 1e-2, 1e-3, 1e-4]:
-    got = posterior(kernel, z_t, log_x, t - gap, t)
-    stay.append(got[np.arange(v), :, np.arange(v)])  # P(z_s = z_t), [z_t, m]
-  leave = 1.0 - np.stack(stay)
-  assert np.all(np.diff(leave, axis=0) <= 1e-7)
-  assert leave[0].max() > 1e-3  # the test would see a posterior that ignores s
-  assert leave[-1].max() < 1e-3
+    got = posterior_all_zt(kernel, log_x, t - gap, t)
+    leave.append(1.0 - got[np.arange(v), :, np.arange(v)])
+  leave = np.stack(leave)
+  assert np.all(np.diff(leave, axis=0) <= 1e-6)
+  assert leave[0].max() > 1e-2  # a posterior that ignored s would fail here
+  assert leave[-1].max() < 2e-3
+  assert leave[-1].max() < 0.2 * leave[-2].max()  # vanishes linearly in the gap
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("t", [0.05, 0.5, 1.0])
 def test_posterior_at_s0_recovers_x(kind, schedule, t):
-  k, m = 4, 5
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   v = n_states(kind, k)
   # Hard x: z_0 = x for every reachable z_t.
@@ -400,32 +387,31 @@ def test_posterior_at_s0_recovers_x(kind, schedule, t):
   expected = np.broadcast_to(np.eye(v)[:k, None, :], got.shape)  # δ_x
   np.testing.assert_allclose(got[valid], expected[valid], atol=1e-6)
   # Soft x̂: the mixture is x̂ itself (no mass on MASK) wherever every clean token reaches z_t.
-  xh = random_simplex(np.random.default_rng(7), (m,), k)
-  z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-  got = posterior(kernel, z_t, np.broadcast_to(np.log(xh), (v, m, k)), 0.0, t)
-  xh_in = np.concatenate([xh, np.zeros((m, v - k), np.float32)], -1)
+  xh = soft_x(7, k)
+  got = posterior_all_zt(kernel, np.log(xh), 0.0, t)
+  xh_in = np.concatenate([xh, np.zeros((M, v - k), np.float32)], -1)
   if kind == "masked":
     np.testing.assert_allclose(got[k], xh_in, atol=1e-6)
-    np.testing.assert_allclose(got[:k], np.broadcast_to(np.eye(v)[:k, None], (k, m, v)),
+    np.testing.assert_allclose(got[:k], np.broadcast_to(np.eye(v)[:k, None], (k, M, v)),
                                atol=1e-6)
   else:
-    np.testing.assert_allclose(got, np.broadcast_to(xh_in, (v, m, v)), atol=1e-5)
+    np.testing.assert_allclose(got, np.broadcast_to(xh_in, (v, M, v)), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("s", [0.0, 0.4, 0.9])
 def test_posterior_at_t1_is_marginal_at_s(kind, schedule, s):
   # z_1 carries no information about x, so q(z_s | z_1, x) = q(z_s | x) (linear in x̂).
-  k, m = 4, 5
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
-  xh = random_simplex(np.random.default_rng(8), (m,), k)
+  xh = soft_x(8, k)
   expected = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(xh), s))
   np.testing.assert_allclose(expected, xh @ marginal_matrix(kind, k, schedule, s)[:k],
                              atol=1e-6)
-  z_ts = [k] if kind == "masked" else range(k)  # the reachable z_1
-  for z in z_ts:
-    got = posterior(kernel, np.full((m,), z), np.log(xh), s, 1.0)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+  got = posterior_all_zt(kernel, np.log(xh), s, 1.0)
+  reachable = [k] if kind == "masked" else range(k)  # the possible z_1
+  for z in reachable:
+    np.testing.assert_allclose(got[z], expected, atol=1e-5)
 
 
 EDGE_PAIRS = [(0.0, 0.0), (0.3, 0.3), (1.0, 1.0), (0.0, 1.0), (0.0, 1e-4), (0.5, 0.5001),
@@ -435,22 +421,23 @@ EDGE_PAIRS = [(0.0, 0.0), (0.3, 0.3), (1.0, 1.0), (0.0, 1.0), (0.0, 1e-4), (0.5,
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("s, t", EDGE_PAIRS)
 def test_posterior_is_normalised_and_finite(kind, schedule, s, t):
-  k, m = 4, 6
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   v = n_states(kind, k)
-  xh = random_simplex(np.random.default_rng(9), (m,), k)
-  z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-  log_p = np.asarray(kernels.posterior_log_probs(
-    kernel, jnp.asarray(z_t), jnp.asarray(np.broadcast_to(np.log(xh), (v, m, k))), s, t))
+  z_t = np.broadcast_to(np.arange(v)[:, None], (v, M))
+  log_x = np.broadcast_to(np.log(soft_x(9, k)), (v, M, k))
+  log_p = np.asarray(_posterior_jit(kernel, jnp.asarray(z_t), jnp.asarray(log_x), jnp.float32(s),
+                                    jnp.float32(t)))
   assert not np.any(np.isnan(log_p))
-  np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, atol=1e-5)
+  # 1e-4: float32 cancellation in 1 − α near t = 0 costs a few 1e-5 (e.g. s, t = 1e-4, 2e-4).
+  np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, atol=1e-4)
   hard = all_hard_posteriors(kernel, s, t)
   valid = _reachable(kind, k, schedule, t)
   assert not np.any(np.isnan(hard))
-  np.testing.assert_allclose(hard.sum(-1)[valid], 1.0, atol=1e-5)
+  np.testing.assert_allclose(hard.sum(-1)[valid], 1.0, atol=1e-4)
   if kind == "masked":  # unmasked tokens never change
-    for z in range(k):
-      np.testing.assert_array_equal(np.exp(log_p[z]), np.broadcast_to(np.eye(v)[z], (m, v)))
+    np.testing.assert_array_equal(np.exp(log_p[:k]), np.broadcast_to(np.eye(v)[:k, None],
+                                                                      (k, M, v)))
 
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
@@ -458,18 +445,15 @@ def test_bayes_identity_with_module_functions(kind, schedule):
   # Σ_{z_t} q(z_t | x) q(z_s | z_t, x) = q(z_s | x).
   k = 4
   kernel = kernels.Kernel(kind, k, schedule)
-  v = kernel.input_vocab_size
-  xs = [np.eye(k, dtype=np.float32)]
+  xs = [np.eye(k, dtype=np.float32)[hard_x(k)]]
   if kind == "masked":  # the masked posterior is linear in x, so soft x̂ satisfies it too
-    xs.append(random_simplex(np.random.default_rng(10), (5,), k))
+    xs.append(soft_x(10, k))
   for x in xs:
+    with np.errstate(divide="ignore"):
+      log_x = np.log(x)
     for s, t in [(0.0, 0.5), (0.2, 0.6), (0.45, 0.4501), (0.7, 1.0)]:
-      m = x.shape[0]
-      q_t = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(x), t), np.float64)  # [m, z_t]
-      z_t = np.broadcast_to(np.arange(v)[:, None], (v, m))
-      with np.errstate(divide="ignore"):
-        log_x = np.broadcast_to(np.log(x), (v, m, k))
-      post = posterior(kernel, z_t, log_x, s, t)  # [z_t, m, z_s]
+      q_t = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(x), t), np.float64)  # [M, z_t]
+      post = posterior_all_zt(kernel, np.maximum(log_x, kernels.NEG_INF), s, t)  # [z_t, M, z_s]
       lhs = np.einsum("mz,zms->ms", q_t, post)
       q_s = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(x), s))
       np.testing.assert_allclose(lhs, q_s, atol=2e-6)
@@ -492,61 +476,64 @@ def _batch_inputs(kind, k, seed=11, b=3, length=7):
 
 @pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
 def test_per_row_times_broadcast(kind, schedule):
-  k = 3
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   z_t, log_x, s, t = _batch_inputs(kind, k)
-  out = np.asarray(kernels.posterior_log_probs(kernel, jnp.asarray(z_t), jnp.asarray(log_x),
-                                               jnp.asarray(s), jnp.asarray(t)))
+  out = np.asarray(_posterior_jit(kernel, jnp.asarray(z_t), jnp.asarray(log_x), jnp.asarray(s),
+                                  jnp.asarray(t)))
   assert out.shape == z_t.shape + (kernel.input_vocab_size,)
+  # Each row matches the dense reference at that row's own times.
+  v = n_states(kind, k)
   for row in range(z_t.shape[0]):
-    ref = np.asarray(kernels.posterior_log_probs(
-      kernel, jnp.asarray(z_t[row]), jnp.asarray(log_x[row]), float(s[row, 0]),
-      float(t[row, 0])))
-    np.testing.assert_allclose(np.exp(out[row]), np.exp(ref), atol=1e-6)
-    # ... and each row matches the dense reference at that row's times.
     post = ref_posterior(kind, k, schedule, float(s[row, 0]), float(t[row, 0]))
     xh = np.exp(log_x[row]).astype(np.float64)
     for i, z in enumerate(z_t[row]):
-      if kind == "uniform" or z == k:
-        np.testing.assert_allclose(np.exp(out[row, i]), xh[i] @ post[:, z], atol=ATOL)
+      expected = np.eye(v)[z] if z < k and kind == "masked" else xh[i] @ post[:, z]
+      np.testing.assert_allclose(np.exp(out[row, i]), expected, atol=ATOL)
   # Per-row times in marginal_probs: x_probs [B, L, K], t [B, 1].
   xh = np.exp(log_x)
-  marg = np.asarray(kernels.marginal_probs(kernel, jnp.asarray(xh), jnp.asarray(t)))
+  marg = np.asarray(_marginal_jit(kernel, jnp.asarray(xh), jnp.asarray(t)))
   for row in range(z_t.shape[0]):
     q = marginal_matrix(kind, k, schedule, float(t[row, 0]))[:k]
     np.testing.assert_allclose(marg[row], xh[row] @ q, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind, schedule", COMBOS, ids=COMBO_IDS)
-def test_jit_and_vmap(kind, schedule):
-  k = 3
+@pytest.mark.parametrize("kind, schedule", [("masked", "linear"), ("uniform", "cosine")])
+def test_posterior_and_marginal_under_jit_and_vmap(kind, schedule):
+  k = 4
   kernel = kernels.Kernel(kind, k, schedule)
   z_t, log_x, s, t = map(jnp.asarray, _batch_inputs(kind, k))
   eager = kernels.posterior_log_probs(kernel, z_t, log_x, s, t)
-  jitted = jax.jit(kernels.posterior_log_probs, static_argnums=0)(kernel, z_t, log_x, s, t)
-  vmapped = jax.vmap(lambda z, lx, s_, t_: kernels.posterior_log_probs(kernel, z, lx, s_, t_))(
-    z_t, log_x, s[:, 0], t[:, 0])
+  jitted = _posterior_jit(kernel, z_t, log_x, s, t)
+  vmapped = jax.jit(jax.vmap(
+    lambda z, lx, s_, t_: kernels.posterior_log_probs(kernel, z, lx, s_, t_)))(
+      z_t, log_x, s[:, 0], t[:, 0])
   np.testing.assert_allclose(np.exp(jitted), np.exp(eager), atol=1e-6)
   np.testing.assert_allclose(np.exp(vmapped), np.exp(eager), atol=1e-6)
 
+  # marginal_probs: vmap over rows with scalar t == the batched call with t [B, 1].
   xh = jnp.exp(log_x)
-  m_eager = kernels.marginal_probs(kernel, xh, t)
-  m_jit = jax.jit(kernels.marginal_probs, static_argnums=0)(kernel, xh, t)
-  m_vmap = jax.vmap(lambda x_, t_: kernels.marginal_probs(kernel, x_, t_))(xh, t[:, 0])
-  np.testing.assert_allclose(m_jit, m_eager, atol=1e-6)
-  np.testing.assert_allclose(m_vmap, m_eager, atol=1e-6)
+  m_vmap = jax.jit(jax.vmap(lambda x_, t_: kernels.marginal_probs(kernel, x_, t_)))(xh, t[:, 0])
+  np.testing.assert_allclose(m_vmap, _marginal_jit(kernel, xh, t), atol=1e-6)
 
-  x = jnp.asarray(np.random.default_rng(12).integers(0, k, (3, 50)), jnp.int32)
-  tt = jnp.array([0.2, 0.5, 0.9])
-  key = jax.random.key(3)
-  z_eager = kernels.sample_marginal(key, kernel, x, tt)
-  z_jit = jax.jit(kernels.sample_marginal, static_argnums=1)(key, kernel, x, tt)
-  np.testing.assert_array_equal(z_jit, z_eager)
-  keys = jax.random.split(key, 4)
-  z_vmap = jax.vmap(lambda kk: kernels.sample_marginal(kk, kernel, x, tt))(keys)
-  assert z_vmap.shape == (4,) + x.shape
-  for i in range(4):
-    np.testing.assert_array_equal(z_vmap[i], kernels.sample_marginal(keys[i], kernel, x, tt))
 
-  z1 = jax.jit(kernels.sample_prior, static_argnums=(1, 2))(key, kernel, (2, 5))
-  np.testing.assert_array_equal(z1, kernels.sample_prior(key, kernel, (2, 5)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_keys_jit_and_vmap(kind):
+  k = 4
+  kernel = kernels.Kernel(kind, k)
+  x = jnp.asarray(np.random.default_rng(12).integers(0, k, (3, 400)), jnp.int32)
+  tt = jnp.array([0.2, 0.5, 0.5])
+  keys = jax.random.split(jax.random.key(3), 3)
+  z = [np.asarray(kernels.sample_marginal(kk, kernel, x, tt)) for kk in keys]
+  np.testing.assert_array_equal(np.asarray(kernels.sample_marginal(keys[0], kernel, x, tt)), z[0])
+  assert np.any(z[0] != z[1])
+  # Rows with the same t and the same x use independent randomness.
+  z2 = np.asarray(kernels.sample_marginal(keys[0], kernel, jnp.broadcast_to(x[2], x.shape), tt))
+  assert np.any(z2[1] != z2[2])
+  # jit(vmap over keys) reproduces the eager draws key by key.
+  zs = jax.jit(jax.vmap(lambda kk: kernels.sample_marginal(kk, kernel, x, tt)))(keys)
+  assert zs.shape == (3,) + x.shape and zs.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(zs), np.stack(z))
+  prior = jax.jit(kernels.sample_prior, static_argnums=(1, 2))
+  np.testing.assert_array_equal(prior(keys[0], kernel, PRIOR_SHAPE),
+                                kernels.sample_prior(keys[0], kernel, PRIOR_SHAPE))
