@@ -411,8 +411,9 @@ def gradient_moment(loglik_fn, params, model_tokens, data_tokens, key, num_pairs
   a standard error that shrinks to 0 around a noisy value). Every sequence's gradient is computed
   exactly once: the cost is one backward pass over all samples whatever num_pairs is.
 
-  Memory: gradients are summed per micro-batch (`lax.scan`), holding only the running half sums
-  (3 parameter-sized vectors: two halves and the all-halves sum), never per-example gradients.
+  Memory: gradients are summed per micro-batch (`lax.scan`) and the halves are visited in order
+  by one more scan, holding only a micro-batch gradient, the current and previous half sums and
+  the all-halves total (4 parameter-sized vectors), never per-example gradients.
 
   Args:
     loglik_fn: `(params, tokens [b, L]) -> [b]` per-sequence mean token log-likelihood, e.g.

@@ -37,9 +37,16 @@ def alpha_derivative(t, schedule: str = "linear"):
   return -0.5 * jnp.pi * jnp.sin(0.5 * jnp.pi * t)
 
 
+def one_minus_alpha(t, schedule: str = "linear"):
+  """1 − α_t without float32 cancellation near t = 0 (cosine: 2 sin²(π t / 4))."""
+  check_schedule(schedule)
+  t = jnp.clip(t, 0.0, 1.0)
+  return t if schedule == "linear" else 2.0 * jnp.sin(0.25 * jnp.pi * t) ** 2
+
+
 def elbo_weight(t, schedule: str = "linear"):
   """w(t) = −α'_t / (1 − α_t): the masked continuous-time ELBO weight (1/t for linear)."""
-  return -alpha_derivative(t, schedule) / jnp.maximum(1.0 - alpha(t, schedule), 1e-12)
+  return -alpha_derivative(t, schedule) / jnp.maximum(one_minus_alpha(t, schedule), 1e-12)
 
 
 def time_grid(num_steps: int, grid: str = "uniform"):

@@ -24,6 +24,9 @@ BATCH = 3
 BASE = dict(vocab_size=K, input_vocab_size=K + 1, seq_len=LENGTH, num_layers=2, width=32,
             num_heads=2, mlp_ratio=2, mask_id=K, noise_kind="projection", noise_dim=6)
 MASKED = denoiser.DenoiserConfig(**BASE)
+# The same network without the masked parametrisation: raw logits everywhere. It shares MASKED's
+# parameter tree, so one (costly) init compile serves every test.
+RAW = dataclasses.replace(MASKED, mask_id=-1)
 UNIFORM = denoiser.DenoiserConfig(**{**BASE, "input_vocab_size": K, "mask_id": -1,
                                      "noise_kind": "none", "noise_dim": 0})
 
@@ -31,11 +34,6 @@ UNIFORM = denoiser.DenoiserConfig(**{**BASE, "input_vocab_size": K, "mask_id": -
 apply = jax.jit(denoiser.apply, static_argnames="cfg")
 init_params = jax.jit(denoiser.init_params, static_argnums=1)
 sample_noise = jax.jit(denoiser.sample_noise, static_argnums=(1, 2))
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def raw_logits(params, tokens, t, noise, *, cfg):
-  return denoiser.Transformer(cfg).apply({"params": params}, tokens, t, noise)
 
 
 @functools.lru_cache
@@ -95,7 +93,7 @@ def test_masked_parametrisation_shapes_copy_through_and_network_positions():
   others = log_probs[~is_mask] < -1e20
   assert others.sum(-1).tolist() == [K - 1] * int((~is_mask).sum())
   # Masked positions: the network's logits, a proper non-degenerate distribution.
-  raw = raw_logits(params, tokens, t, None, cfg=MASKED)
+  raw = apply(params, tokens, t, None, cfg=RAW)
   np.testing.assert_allclose(np.asarray(logits)[is_mask], np.asarray(raw)[is_mask], atol=1e-5)
   assert np.all(np.isfinite(log_probs[is_mask])) and np.all(log_probs[is_mask] > -30)
   # ... which change with the network's parameters, while copies do not.
@@ -105,12 +103,21 @@ def test_masked_parametrisation_shapes_copy_through_and_network_positions():
 
 
 def test_uniform_parametrisation_has_no_copy_through():
-  params = live_params(UNIFORM)
-  tokens = random_tokens(1, UNIFORM)
-  logits = apply(params, tokens, times(0.1, 0.5, 0.9), None, cfg=UNIFORM)
-  assert logits.shape == (BATCH, LENGTH, K)
-  log_probs = jax.nn.log_softmax(logits, -1)
-  assert np.all(np.asarray(log_probs) > -30)  # every position predicted by the network
+  # Shapes of a real uniform-kernel config (K input ids, no noise input), traced only.
+  shapes = nn.unbox(jax.eval_shape(functools.partial(denoiser.init_params, cfg=UNIFORM),
+                                   jax.random.key(0)))
+  assert "noise_proj" not in shapes and shapes["embed"]["embedding"].shape == (K, UNIFORM.width)
+  out = jax.eval_shape(functools.partial(denoiser.apply, cfg=UNIFORM), shapes,
+                       jnp.zeros((BATCH, LENGTH), jnp.int32), jnp.zeros((BATCH,)))
+  assert out.shape == (BATCH, LENGTH, K) and out.dtype == jnp.float32
+  # Without the masked parametrisation every position is predicted by the network.
+  params = live_params(MASKED)
+  tokens = random_tokens(1, RAW)
+  log_probs = np.asarray(jax.nn.log_softmax(apply(params, tokens, times(0.1, 0.5, 0.9), None,
+                                                  cfg=RAW), -1))
+  assert np.all(log_probs > -30)
+  own = np.take_along_axis(log_probs, np.asarray(tokens)[..., None], -1)[..., 0]
+  assert np.all(own < -1e-3)  # not a copy of the input
 
 
 def test_noise_projection_is_zero_at_init_and_active_once_trained():
@@ -130,36 +137,36 @@ def test_noise_projection_is_zero_at_init_and_active_once_trained():
 
 
 def test_attention_is_bidirectional_once_blocks_are_active():
-  tokens = random_tokens(3, UNIFORM)
+  tokens = random_tokens(3, RAW)
   changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % K)
   t = times(0.5, 0.5, 0.5)
   # adaLN-Zero: at init every block is the identity, so positions do not interact yet.
-  init = unboxed_params(UNIFORM)
-  np.testing.assert_allclose(apply(init, tokens, t, None, cfg=UNIFORM)[:, :-1],
-                             apply(init, changed, t, None, cfg=UNIFORM)[:, :-1], atol=1e-6)
-  params = live_params(UNIFORM)
-  a = np.asarray(apply(params, tokens, t, None, cfg=UNIFORM))
-  b = np.asarray(apply(params, changed, t, None, cfg=UNIFORM))
+  init = unboxed_params(MASKED)
+  np.testing.assert_allclose(apply(init, tokens, t, None, cfg=RAW)[:, :-1],
+                             apply(init, changed, t, None, cfg=RAW)[:, :-1], atol=1e-6)
+  params = live_params(MASKED)
+  a = np.asarray(apply(params, tokens, t, None, cfg=RAW))
+  b = np.asarray(apply(params, changed, t, None, cfg=RAW))
   assert np.all(np.abs(a - b)[:, 0].max(-1) > 1e-4)  # the first position sees the last token
   assert np.all(np.abs(a - b)[:, -1].max(-1) > 1e-4)
 
 
 def test_time_conditioning():
-  tokens = random_tokens(4, UNIFORM)
+  tokens = random_tokens(4, RAW)
   early, late = times(0.1, 0.1, 0.1), times(0.8, 0.8, 0.8)
-  init = unboxed_params(UNIFORM)
-  np.testing.assert_allclose(apply(init, tokens, early, None, cfg=UNIFORM),
-                             apply(init, tokens, late, None, cfg=UNIFORM), atol=1e-6)
-  params = live_params(UNIFORM)
-  a = np.asarray(apply(params, tokens, early, None, cfg=UNIFORM))
-  b = np.asarray(apply(params, tokens, late, None, cfg=UNIFORM))
+  init = unboxed_params(MASKED)
+  np.testing.assert_allclose(apply(init, tokens, early, None, cfg=RAW),
+                             apply(init, tokens, late, None, cfg=RAW), atol=1e-6)
+  params = live_params(MASKED)
+  a = np.asarray(apply(params, tokens, early, None, cfg=RAW))
+  b = np.asarray(apply(params, tokens, late, None, cfg=RAW))
   assert np.abs(a - b).max() > 1e-2
   # Per-sequence times: each row follows its own t.
-  mixed = np.asarray(apply(params, tokens, times(0.1, 0.8, 0.1), None, cfg=UNIFORM))
+  mixed = np.asarray(apply(params, tokens, times(0.1, 0.8, 0.1), None, cfg=RAW))
   np.testing.assert_allclose(mixed[[0, 2]], a[[0, 2]], atol=1e-5)
   np.testing.assert_allclose(mixed[1], b[1], atol=1e-5)
   # time_conditioning=False: same parameter tree, output independent of t.
-  frozen = dataclasses.replace(UNIFORM, time_conditioning=False)
+  frozen = dataclasses.replace(RAW, time_conditioning=False)
   np.testing.assert_array_equal(apply(params, tokens, early, None, cfg=frozen),
                                 apply(params, tokens, late, None, cfg=frozen))
 
@@ -203,7 +210,9 @@ def test_sample_noise_shapes_and_statistics():
   assert abs(proj.mean()) < 0.05 and abs(proj.std() - 1.0) < 0.05
   assert abs(np.mean(proj[:, :-1] * proj[:, 1:])) < 0.05  # i.i.d. across positions
   odd = dataclasses.replace(PYRAMID, image_shape=(5, 3, 1), seq_len=15)
-  assert denoiser.sample_noise(jax.random.key(0), odd, 2).shape == (2, 15, 6)
+  odd_noise = jax.eval_shape(functools.partial(denoiser.sample_noise, cfg=odd, batch_size=2),
+                             jax.random.key(0))
+  assert odd_noise.shape == (2, 15, 6)
 
 
 def test_pyramid_noise_is_shared_by_neighbours_and_feeds_the_network():

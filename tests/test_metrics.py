@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
+from jax.flatten_util import ravel_pytree
 
 from dmmd_jax import metrics
 from dmmd_jax import reference_lm as rl
@@ -152,9 +153,10 @@ def test_generative_perplexity():
 LM_CONFIG = rl.ReferenceLMConfig(vocab_size=VOCAB, max_len=24, num_layers=1, width=32,
                                  num_heads=2)
 LOGLIK = functools.partial(rl.sequence_log_likelihood, config=LM_CONFIG)
-# 500 model and 490 data rows in 2 × 8 halves: 31 + 30 rows per half, in 2 micro-batches of 31
-# (one padding row), with 4 and 10 rows left out. All GM calls share these shapes and compile once.
-GM_ARGS = dict(num_pairs=8, micro_batch=32)
+# 500 model and 470 data rows in 2 × 16 halves: 15 + 14 rows per half, in 2 micro-batches of 15
+# (one zero-weight padding row), with 20 and 22 rows left out. All GM calls share these shapes
+# and compile once.
+GM_ARGS = dict(num_pairs=16, micro_batch=16)
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +172,12 @@ def trained_lm():
 def data_vs_data(trained_lm):
   params, data = trained_lm
   key = jax.random.PRNGKey(0)
-  return key, metrics.gradient_moment(LOGLIK, params, data[:500], data[500:990], key, **GM_ARGS)
+  return key, metrics.gradient_moment(LOGLIK, params, data[:500], data[500:970], key, **GM_ARGS)
 
 
 def test_gradient_moment_data_vs_data_is_zero(data_vs_data):
   _, result = data_vs_data
-  assert result.pair_estimates.shape == (8,)
+  assert result.pair_estimates.shape == (16,)
   assert result.stderr > 0
   assert abs(result.mean) < 3.0 * result.stderr
   assert abs(result.all_halves) < 3.0 * result.stderr
@@ -184,13 +186,13 @@ def test_gradient_moment_data_vs_data_is_zero(data_vs_data):
 def test_gradient_moment_detects_a_repeated_sequence(trained_lm, data_vs_data):
   params, data = trained_lm
   # The sequence whose NLL is the median of the data's: repeating it keeps perplexity unchanged.
-  nll = -np.asarray(LOGLIK(params, data[500:990]))
-  typical = data[500:990][np.argsort(nll)[len(nll) // 2]]
+  nll = -np.asarray(LOGLIK(params, data[500:970]))
+  typical = data[500:970][np.argsort(nll)[len(nll) // 2]]
   repeated = np.repeat(typical[None], 500, axis=0)
   ppl = lambda t: metrics.generative_perplexity(
       functools.partial(rl.token_log_probs, params, config=LM_CONFIG), t, 128).perplexity
-  assert ppl(repeated) == pytest.approx(ppl(data[500:990]), rel=0.05)
-  result = metrics.gradient_moment(LOGLIK, params, repeated, data[:490], jax.random.PRNGKey(1),
+  assert ppl(repeated) == pytest.approx(ppl(data[500:970]), rel=0.05)
+  result = metrics.gradient_moment(LOGLIK, params, repeated, data[:470], jax.random.PRNGKey(1),
                                    **GM_ARGS)
   assert result.mean > 10.0 * result.stderr
   assert result.all_halves > 10.0 * result.stderr
@@ -201,22 +203,22 @@ def test_gradient_moment_matches_dense_per_example_gradients(trained_lm, data_vs
   """The micro-batched, padded bilinear estimates equal those from per-example gradients."""
   params, data = trained_lm
   key, result = data_vs_data
-  model, data = data[:500], data[500:990]
-  flat_grad = jax.jit(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(
+  model, data = data[:500], data[500:970]
+  flat_grad = jax.jit(jax.vmap(lambda t: ravel_pytree(
       jax.grad(lambda p: LOGLIK(p, t[None])[0])(params))[0]))
   grads_model = np.asarray(flat_grad(model), np.float64)
   grads_data = np.asarray(flat_grad(data), np.float64)
   model_key, data_key = jax.random.split(key)
-  idx_model = np.asarray(metrics.pair_split_indices(model_key, 500, 8))  # [8, 2, 31]
-  idx_data = np.asarray(metrics.pair_split_indices(data_key, 490, 8))  # [8, 2, 30]
-  halves = grads_model[idx_model].mean(axis=2) - grads_data[idx_data].mean(axis=2)  # [8, 2, D]
+  idx_model = np.asarray(metrics.pair_split_indices(model_key, 500, 16))  # [16, 2, 15]
+  idx_data = np.asarray(metrics.pair_split_indices(data_key, 470, 16))  # [16, 2, 14]
+  halves = grads_model[idx_model].mean(axis=2) - grads_data[idx_data].mean(axis=2)  # [16, 2, D]
   pairs = np.einsum("pd,pd->p", halves[:, 0], halves[:, 1])
   scale = np.abs(pairs).max()
   np.testing.assert_allclose(result.pair_estimates, pairs, rtol=1e-4, atol=1e-4 * scale)
   np.testing.assert_allclose(result.mean, pairs.mean(), rtol=1e-4, atol=1e-4 * scale)
-  flat = halves.reshape(16, -1)
+  flat = halves.reshape(32, -1)
   gram = flat @ flat.T
-  u_stat = (gram.sum() - np.trace(gram)) / (16 * 15)
+  u_stat = (gram.sum() - np.trace(gram)) / (32 * 31)
   np.testing.assert_allclose(result.all_halves, u_stat, rtol=1e-4, atol=1e-4 * scale)
 
 

@@ -51,12 +51,6 @@ def recording_apply(params, tokens, t, noise):
   return (emb + jnp.roll(emb, 1, axis=1)).astype(jnp.float32)
 
 
-def compile_count_apply(params, tokens, t, noise):
-  """Like `const_apply`; a separate function so that its jit cache entries are its own."""
-  del t, noise
-  return jnp.broadcast_to(params, tokens.shape + params.shape[-1:]).astype(jnp.float32)
-
-
 def uniform_posterior_apply(params, tokens, t, noise):
   """Exact E[x_i | z_t] of product data, log p_i = params `[length, K]`, uniform kernel (linear):
   x̂_i(c) ∝ p_i(c) (α_t δ_{c z_i} + (1 − α_t) / K)."""
@@ -148,7 +142,11 @@ def test_one_step_sampler_applies_temperature_then_top_p():
 
 
 # ------------------------------------------------------------------------------------------------
-# Top-p and logit adjustments.
+# Top-p and logit adjustments (jitted: eager fori_loop recompiles its body at every call).
+
+top_p_keep = jax.jit(sampling.top_p_keep)
+# Temperature stays a traced argument; top_p, mode and Δ select code paths (static).
+adjust_logits = jax.jit(sampling.adjust_logits, static_argnums=(2, 3, 4))
 
 
 def brute_force_nucleus(logits, top_p):
@@ -168,7 +166,7 @@ def brute_force_nucleus(logits, top_p):
 @pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.85, 0.95, 0.999])
 def test_top_p_keep_matches_sort_based_nucleus(top_p):
   logits = 2.0 * np.random.default_rng(0).normal(size=(300, 40)).astype(np.float32)
-  keep = np.asarray(sampling.top_p_keep(jnp.asarray(logits), top_p))
+  keep = np.asarray(top_p_keep(jnp.asarray(logits), top_p))
   want, ambiguous, probs = brute_force_nucleus(logits, top_p)
   assert ambiguous.mean() < 0.05
   np.testing.assert_array_equal(keep[~ambiguous], want[~ambiguous])
@@ -181,32 +179,31 @@ def test_top_p_keep_matches_sort_based_nucleus(top_p):
 
 def test_top_p_keep_edge_cases():
   logits = jnp.array([[1.0, 1.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-  keep = np.asarray(sampling.top_p_keep(logits, 0.5))
+  keep = np.asarray(top_p_keep(logits, 0.5))
   np.testing.assert_array_equal(keep[0], [True, True, True, False])  # ties at the cut all kept
   np.testing.assert_array_equal(keep[1], [True, False, False, False])  # top token alone ≥ p
   np.testing.assert_array_equal(keep[2], [True] * 4)
-  np.testing.assert_array_equal(sampling.top_p_keep(logits, 1.0), np.ones((3, 4), bool))
+  np.testing.assert_array_equal(top_p_keep(logits, 1.0), np.ones((3, 4), bool))
 
 
 def test_adjust_logits_temperature_and_hard_soft_top_p():
   logits = jnp.asarray(np.random.default_rng(1).normal(size=(50, 12)), jnp.float32)
-  np.testing.assert_allclose(sampling.adjust_logits(logits, temperature=0.5), logits / 0.5,
-                             rtol=1e-6)
-  np.testing.assert_array_equal(sampling.adjust_logits(logits), logits)
+  np.testing.assert_allclose(adjust_logits(logits, 0.5), logits / 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(adjust_logits(logits), logits)
   for temperature in (1.0, 0.7):
     tempered = logits / temperature
-    keep = np.asarray(sampling.top_p_keep(tempered, 0.8))
+    keep = np.asarray(top_p_keep(tempered, 0.8))  # top-p acts on the tempered distribution
     assert keep.any(-1).all() and not keep.all()
-    hard = np.asarray(sampling.adjust_logits(logits, temperature, 0.8, "hard"))
+    hard = np.asarray(adjust_logits(logits, temperature, 0.8, "hard"))
     np.testing.assert_allclose(hard[keep], np.asarray(tempered)[keep], rtol=1e-6)
     assert np.all(hard[~keep] == kernels.NEG_INF)
     for delta in (2.0, 3.5):
-      soft = np.asarray(sampling.adjust_logits(logits, temperature, 0.8, "soft", delta))
+      soft = np.asarray(adjust_logits(logits, temperature, 0.8, "soft", delta))
       np.testing.assert_allclose(soft[keep], np.asarray(tempered)[keep], rtol=1e-6)
       np.testing.assert_allclose(soft[~keep], np.asarray(tempered)[~keep] - delta, rtol=1e-6,
                                  atol=1e-6)
   with pytest.raises(ValueError, match="top_p_mode"):
-    sampling.adjust_logits(logits, top_p=0.5, top_p_mode="medium")
+    sampling.adjust_logits(logits, 1.0, 0.5, "medium")
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -285,23 +282,18 @@ def test_sampler_is_deterministic_per_key(draw):
   assert np.mean(a != c) > 0.3
 
 
-def test_sampler_compiles_once_per_number_of_steps():
+def test_sampler_compiles_once_per_configuration():
   if not hasattr(sampling._jitted_sampler, "_cache_size"):
     pytest.skip("jit cache size not exposed by this JAX version")
-  kernel = kernels.Kernel("masked", 3)
   cache_size = sampling._jitted_sampler._cache_size
-
-  def draw(seed, offset=0.0):
-    return sampling.sample(jax.random.key(seed), compile_count_apply, jnp.full((3,), offset),
-                           kernel, SamplerConfig(steps=3), 2, 4)
-
   before = cache_size()
-  draw(0)
+  sample_masked(0)
   after_first = cache_size()
-  assert after_first <= before + 1  # + 0 if this test already ran in this process
-  draw(1)
-  draw(2, offset=1.0)
-  assert cache_size() == after_first  # new keys (and new parameter values) reuse the compile
+  assert after_first <= before + 1  # + 0 if an earlier test compiled this configuration
+  sample_masked(1)
+  sample_masked(2)
+  recorded_calls()
+  assert cache_size() == after_first  # new keys reuse the compile
 
 
 @pytest.mark.parametrize("kind", ["masked", "uniform"])
@@ -319,6 +311,24 @@ def test_multi_step_sampler_with_exact_posterior_reproduces_product_data(kind):
   # The exact reverse process of product data keeps positions independent.
   joint = np.bincount(out[:, 0] * k + out[:, 1], minlength=k * k)
   assert_binomial(joint, np.outer(p_data[0], p_data[1]).ravel(), len(out))
+
+
+def posterior_apply_in_t_dtype(params, tokens, t, noise):
+  """`uniform_posterior_apply` without the final float32 cast: logits follow t's dtype."""
+  del noise
+  k = params.shape[-1]
+  alpha = (1.0 - t)[:, None, None]
+  return params[None] + jnp.log(alpha * jax.nn.one_hot(tokens, k, dtype=t.dtype) + (1 - alpha) / k)
+
+
+def test_sampler_accepts_logits_in_the_dtype_of_t():
+  """With float64=True the sampler hands apply_fn a float64 t; logits computed from it are
+  float64, which the sampler must accept (the teacher's Bayes denoiser of product data)."""
+  kernel = kernels.Kernel("uniform", 3)
+  log_p = jnp.log(jnp.asarray([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], jnp.float32))
+  out = sampling.sample(jax.random.key(12), posterior_apply_in_t_dtype, log_p, kernel,
+                        SamplerConfig(steps=2), 4, 2)
+  assert out.shape == (4, 2) and out.min() >= 0 and out.max() < 3
 
 
 # ------------------------------------------------------------------------------------------------
