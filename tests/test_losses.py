@@ -140,7 +140,7 @@ def neg_elbo_discrete(kernel, denoise, x, num_steps):
         kernel, jnp.asarray(denoise(z, t), jnp.float32), jnp.asarray(np.tile(x, (n, 1))),
         jnp.asarray(z), jnp.full((n,), i, jnp.int32), num_steps), np.float64)
     assert np.all(np.isfinite(terms[qz > 0]))
-    # discrete_elbo is T · KL (one term sampled uniformly); the sum over i is its mean · T / T.
+    # discrete_elbo returns T · KL_i (an estimator from one uniformly drawn i): divide by T.
     total += float(np.sum(np.where(qz > 0, qz * terms, 0.0))) / num_steps
   return total
 
