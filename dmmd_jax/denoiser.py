@@ -16,6 +16,7 @@ is never predicted) and positions whose input is not MASK copy their token throu
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -210,6 +211,12 @@ def validate_config(cfg: DenoiserConfig) -> None:
   checks = [
       (cfg.num_layers > 0, f"model.num_layers must be positive, got {cfg.num_layers}"),
       (cfg.width > 0, f"model.width must be positive, got {cfg.width}"),
+      (cfg.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {cfg.mlp_ratio}"),
+      (cfg.noise_kind != "pyramid" or cfg.pyramid_levels > 0,
+       "model.pyramid_levels must be positive for the pyramid noise"),
+      (cfg.noise_kind != "pyramid" or len(cfg.image_shape) != 3
+       or math.prod(cfg.image_shape) == cfg.seq_len,
+       f"image shape {cfg.image_shape} does not match sequence length {cfg.seq_len}"),
       (cfg.num_heads > 0 and cfg.width % cfg.num_heads == 0,
        f"model.width ({cfg.width}) must be a positive multiple of model.num_heads "
        f"({cfg.num_heads})"),

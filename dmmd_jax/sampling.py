@@ -107,7 +107,7 @@ def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size,
 
   def network(z, t, step_key):
     noise = None if noise_fn is None else noise_fn(step_key, batch_size)
-    return apply_fn(params, z, jnp.full((batch_size,), t), noise)
+    return apply_fn(params, z, jnp.full((batch_size,), t), noise).astype(jnp.float32)
 
   use_cache = cfg.cache and kernel.is_masked and noise_fn is None
 
