@@ -7,33 +7,43 @@ import sys
 import jax
 from absl import logging
 
-from dmmd_jax import config_lib, distill, train, workdir
+from dmmd_jax import config_lib, distill, distributed, train, workdir
 from dmmd_jax import data as data_lib
 
 # Errors a user can fix by changing a flag, a config value, a path or the data.
 USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, workdir.WorkdirError,
-               distill.DistillError, train.TrainingError, ValueError, FileNotFoundError)
+               distill.DistillError, train.TrainingError, distributed.DistributedError,
+               ValueError, FileNotFoundError)
 
 
 def setup_jax() -> None:
-  """Persistent compilation cache (≈4× faster small runs) and, if asked, jax.distributed."""
+  """Persistent compilation cache (≈4× faster small runs) and, if asked, jax.distributed.
+
+  Multi-host settings (coordinator address, process count and id, timeouts) come from flags or
+  the environment; see `distributed.py`. Raises distributed.DistributedError (one line).
+  """
   logging_lib.getLogger("absl").setLevel(logging_lib.WARNING)  # orbax logs every file at INFO
   cache = os.environ.get("DMMD_JAX_COMPILATION_CACHE",
                          os.path.expanduser("~/.cache/dmmd_jax/xla"))
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  if os.environ.get("DMMD_JAX_DISTRIBUTED") or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+  distributed.initialize()
   logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())
 
 
 def run(fn, *args, **kwargs):
-  """Call fn; print user errors as one line `error: …` and exit 1 (no traceback)."""
-  setup_jax()
+  """Call fn; print user errors as one line `error: …` and exit 1 (no traceback).
+
+  In a multi-host run a failed collective (another process died) is reported the same way.
+  """
   try:
+    setup_jax()
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except Exception as e:
+    distributed.exit_after_failure(e)  # multi-host: one line, no wait for a dead process
+    raise

@@ -61,6 +61,9 @@ def check_divisibility(mesh: Mesh, batch_size: int, width: int) -> None:
   if batch_size % batch_shards:
     raise ValueError(f"batch size {batch_size} is not divisible by data×fsdp = {batch_shards}; "
                      "change the batch size or config.mesh.")
+  if batch_shards % jax.process_count():
+    raise ValueError(f"data×fsdp = {batch_shards} is not a multiple of the {jax.process_count()} "
+                     "processes (each loads its own rows of the batch); lower config.mesh.tensor.")
   if width % mesh.shape["fsdp"]:
     raise ValueError(f"model.width {width} is not divisible by mesh.fsdp = {mesh.shape['fsdp']}; "
                      "lower config.mesh.fsdp.")

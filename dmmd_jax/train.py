@@ -94,12 +94,38 @@ def init_teacher_state(setup: Setup, optimizer):
   key = jax.random.key(setup.config.seed)
   init = functools.partial(denoiser.init_params, cfg=setup.model_cfg)
   params, _ = sharding.init_sharded(init, key, setup.mesh)
-  # Optimizer moments inherit the parameters' shardings through jit's sharding propagation.
-  opt_state = jax.jit(optimizer.init)(params)
+  opt_state = init_opt_state(optimizer, params, setup.mesh)
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(setup.mesh))
   state = TrainState(step=step, params=params, ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=opt_state)
   return state, shardings_of(state)
+
+
+def init_opt_state(optimizer, params, mesh):
+  """optimizer.init(params) with every moment sharded like its parameter, counters replicated.
+
+  A plain jax.jit(optimizer.init) puts its outputs (zeros that do not depend on the parameters'
+  values) on one device, which a multi-device or multi-process step cannot take. A state leaf is
+  matched to the parameter whose key path ends its own (optax.multi_transform nests them too).
+  """
+  by_path = {_key_names(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  depth = max(map(len, by_path), default=0)
+
+  def leaf_sharding(path, leaf):
+    names = _key_names(path)
+    for n in range(min(depth, len(names)), 0, -1):
+      param = by_path.get(names[-n:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return sharding.replicated(mesh)
+
+  abstract = jax.eval_shape(optimizer.init, params)
+  shardings = jax.tree_util.tree_map_with_path(leaf_sharding, abstract)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+def _key_names(path) -> tuple:
+  return tuple(str(k) for k in path)
 
 
 def shardings_of(tree):

@@ -13,6 +13,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dmmd_jax import data as data_lib
@@ -75,11 +76,17 @@ def prepare(workdir: str, config, run_info: dict) -> None:
       raise WorkdirError(f"{workdir} holds a different run ({mismatch}); use a new --workdir.")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2)
+    _write_json_atomically(path, current)
     info = dict(run_info, data_info=run_info["data_info"].to_json())
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump(info, f, indent=2)
+    _write_json_atomically(os.path.join(workdir, "run.json"), info)
+
+
+def _write_json_atomically(path: str, value) -> None:
+  """Replace the file in one step: other hosts may be reading it at this moment (a resume)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -145,15 +152,20 @@ def read_metrics(workdir: str) -> list:
 def load_params(workdir: str, name: str, step=None):
   """Parameters `name` (e.g. "ema_params", "student_ema") of a run's checkpoint, as host arrays.
 
-  Restores without a target, so it needs no optimizer or model object; raises WorkdirError with
-  the path when there is no checkpoint or it cannot be read.
+  Restores without a target, so it needs no optimizer or model object, and as numpy arrays, so
+  it works on any number of devices and processes (not only the topology that saved it); raises
+  WorkdirError with the path when there is no checkpoint or it cannot be read.
   """
   if not has_checkpoint(workdir):
     raise WorkdirError(f"{workdir} has no checkpoint (expected {workdir}/checkpoints/<step>/).")
   manager = checkpoint_manager(workdir, keep=1_000_000)
   step = manager.latest_step() if step is None else step
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    metadata = ocp.PyTreeCheckpointHandler().metadata(manager.directory / str(step) / "state")
+    tree = getattr(metadata, "tree", metadata)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
   except Exception as e:  # orbax raises many types for unreadable files
     raise WorkdirError(f"checkpoint {workdir}/checkpoints/{step} could not be read "
                        f"({type(e).__name__}: {str(e)[:200]}).") from None

@@ -1,0 +1,143 @@
+"""Tests of the SDTT-style progressive-distillation baseline (dmmd_jax/sdtt.py).
+
+The workdir path (experiments/sdtt.py → runs.load → experiments/evaluate.py) is tested in
+test_eval_binaries.py, which shares its teacher.
+"""
+
+import copy
+import functools
+import importlib.util
+import pathlib
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dmmd_jax import denoiser, kernels, losses, schedules, sdtt, synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KERNEL = kernels.Kernel("masked", 4)
+CFG = denoiser.DenoiserConfig(vocab_size=4, input_vocab_size=5, seq_len=8, num_layers=1,
+                              width=32, num_heads=2, cond_dim=16, mask_id=4)
+APPLY = functools.partial(denoiser.apply, cfg=CFG)
+
+
+def test_round_schedule():
+  assert sdtt.round_schedule(64, 4) == [64, 32, 16, 8]
+  assert sdtt.round_schedule(8, 4) == [8]
+  for start, k in [(48, 4), (4, 4), (2, 4), (8, 0)]:
+    with pytest.raises(sdtt.SDTTError, match="power of two"):
+      sdtt.round_schedule(start, k)
+
+
+@pytest.mark.parametrize("grid", ["uniform", "cosine"])
+def test_grid_time_matches_the_sampler_grid(grid):
+  index = jnp.arange(9)
+  np.testing.assert_allclose(sdtt.grid_time(index, 8, grid), schedules.time_grid(8, grid),
+                             atol=1e-6)
+  np.testing.assert_allclose(sdtt.grid_time(index[::2], jnp.int32(8), grid),
+                             schedules.time_grid(4, grid), atol=1e-6)
+
+
+def _time_only_apply(params, tokens, t, noise=None):
+  """A denoiser whose output depends only on t: logits (t, 2t, 0, −t) at every position."""
+  del params, noise
+  logits = jnp.stack([t, 2 * t, jnp.zeros_like(t), -t], axis=-1)
+  return jnp.broadcast_to(logits[:, None, :], tokens.shape + (4,)) * 3.0
+
+
+def test_teacher_targets_mix_the_two_teacher_steps():
+  """With a time-only teacher the target's mean over the intermediate sample is exactly
+  γ x̂(t_0) + (1 − γ) x̂(t_1), γ = P(a masked token is revealed by the first step)."""
+  n, batch = 4, 64
+  z_t = jnp.full((batch, 8), KERNEL.mask_id, jnp.int32).at[:, 0].set(2)
+  index = jnp.full((batch,), 2)  # t = 0.5 → 0.25 → 0 on the n = 4 grid
+  targets = jax.vmap(lambda k: sdtt.teacher_targets(
+      k, None, z_t, index, n, apply_fn=_time_only_apply, kernel=KERNEL, grid="uniform"))(
+          jax.random.split(jax.random.key(0), 64))
+  x1 = jax.nn.softmax(_time_only_apply(None, z_t[:1], jnp.array([0.5]))[0, 1])
+  x2 = jax.nn.softmax(_time_only_apply(None, z_t[:1], jnp.array([0.25]))[0, 1])
+  gamma = (0.75 - 0.5) / (1 - 0.5)
+  np.testing.assert_allclose(targets[:, :, 1:].mean(axis=(0, 1, 2)),
+                             gamma * x1 + (1 - gamma) * x2, atol=0.01)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_loss_and_marginal_kl_of_a_time_only_teacher():
+  x = jnp.zeros((4, 8), jnp.int32)
+  loss, metrics = sdtt.sdtt_loss(None, None, x, jax.random.key(1), 4,
+                                 apply_fn=_time_only_apply, kernel=KERNEL, grid="uniform")
+  assert float(loss) >= 0.0 and float(metrics["kl_per_masked"]) >= float(loss)
+  # n = 2: one student step from t = 1 (all masked); half the positions are revealed by the
+  # teacher's first step, so the two-step output is ½ x̂(1) + ½ x̂(0.5) and the one-step
+  # student x̂(1) is KL(mix ‖ x̂(1)) away from it.
+  kl = sdtt.marginal_kl(None, None, x, jax.random.key(2), 2, apply_fn=_time_only_apply,
+                        kernel=KERNEL, num_draws=64)
+  one = jax.nn.softmax(_time_only_apply(None, x[:1], jnp.array([1.0]))[0, 0])
+  mix = 0.5 * one + 0.5 * jax.nn.softmax(_time_only_apply(None, x[:1], jnp.array([0.5]))[0, 0])
+  assert float(kl) == pytest.approx(float(jnp.sum(mix * jnp.log(mix / one))), rel=0.2)
+
+
+def _trained_teacher(data, steps=200):
+  params = flax.linen.unbox(denoiser.init_params(jax.random.key(0), CFG))
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, state, x, key):
+    loss_fn = lambda p: jnp.mean(losses.diffusion_loss(key, p, APPLY, KERNEL, x, 1))
+    grads = jax.grad(loss_fn)(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state, rng = opt.init(params), np.random.default_rng(0)
+  for i in range(steps):
+    params, state = step(params, state, data[rng.integers(0, len(data), 64)], jax.random.key(i))
+  return params
+
+
+def test_one_round_moves_the_student_towards_the_two_step_teacher():
+  source = synthetic.SyntheticSource(4, 8, seed=0, concentration=0.3)
+  data = synthetic.sample(source, 4096, seed=1)
+  teacher = _trained_teacher(data)
+  optimizer = optax.adam(1e-3)
+  state = sdtt.SDTTState(step=jnp.zeros((), jnp.int32), student=teacher, student_ema=teacher,
+                         teacher=teacher, student_opt=optimizer.init(teacher))
+  loss_fn = functools.partial(sdtt.sdtt_loss, apply_fn=APPLY, kernel=KERNEL, grid="uniform")
+  update = jax.jit(functools.partial(sdtt.sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
+                                     ema_decay=0.0, seed=0))
+  rng = np.random.default_rng(1)
+  evaluate = functools.partial(sdtt.expected_marginal_kl, x=data[:64], num_steps=4,
+                               apply_fn=APPLY, kernel=KERNEL)
+  before = evaluate(teacher, teacher)
+  for _ in range(60):
+    state, metrics = update(state, data[rng.integers(0, len(data), 64)], np.int32(4))
+  after = evaluate(state.student, teacher)
+  assert np.isfinite(float(metrics["kl_loss"]))
+  assert before > 1e-3 and after < 0.75 * before
+  np.testing.assert_array_equal(state.student_ema["logits"]["kernel"],
+                                state.student["logits"]["kernel"])  # ema_decay 0
+
+
+def _digits_config():
+  spec = importlib.util.spec_from_file_location("digits", ROOT / "configs/digits.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+def test_config_checks_and_stored_config():
+  config = _digits_config()
+  stored = sdtt.run_config(config)
+  assert stored.distill.use_noise is False and config.distill.use_noise is True
+  for key, value in [("kernel.kind", "uniform"), ("distill.teacher_top_p", 0.9),
+                     ("distill.teacher_temperature", 0.5)]:
+    bad = copy.deepcopy(config)
+    section, name = key.split(".")
+    bad[section][name] = value
+    with pytest.raises(sdtt.SDTTError):
+      sdtt.check_config(bad)
+  with pytest.raises(sdtt.SDTTError, match="teacher_workdir is empty|power of two"):
+    sdtt.distill_sdtt(config, "/nonexistent/sdtt", start_steps=12)
