@@ -11,14 +11,13 @@ small quantises to 16 grey levels and keeps 10k images so that it trains on 2 CP
 from dmmd_jax import config_lib
 
 SIZES = {
-    "tiny": {"data.levels": 4, "data.max_examples": 256, "model.num_layers": 1,
-             "model.width": 32, "model.num_heads": 2, "model.cond_dim": 16,
-             "model.noise_dim": 6, "train.batch_size": 4, "train.num_steps": 6,
-             "train.warmup_steps": 2, "train.log_every": 3, "train.eval_every": 6,
-             "train.eval_batches": 1, "train.checkpoint_every": 6, "train.num_samples": 2,
-             "sample.steps": 4, "distill.batch_size": 4, "distill.num_steps": 6,
-             "distill.warmup_steps": 2, "distill.log_every": 3, "distill.checkpoint_every": 6,
-             "distill.eval_samples": 4, "distill.student_steps": 4},
+    "tiny": {**config_lib.TINY_LOOP, "data.levels": 4, "data.max_examples": 256,
+             "model.num_layers": 1, "model.width": 32, "model.cond_dim": 16, "model.noise_dim": 6,
+             "train.batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 2,
+             "train.log_every": 3, "train.eval_every": 6, "train.eval_batches": 1,
+             "train.checkpoint_every": 6, "train.num_samples": 2, "sample.steps": 4,
+             "distill.batch_size": 4, "distill.num_steps": 6, "distill.warmup_steps": 2,
+             "distill.log_every": 3, "distill.checkpoint_every": 6, "distill.eval_samples": 4},
     "small": {"data.levels": 16, "data.max_examples": 10_000, "model.num_layers": 4,
               "model.width": 128, "model.num_heads": 4, "model.cond_dim": 64,
               "model.noise_dim": 24, "train.batch_size": 16, "train.num_steps": 2000,

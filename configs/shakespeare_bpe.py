@@ -11,14 +11,10 @@ point it at OpenWebText with --config.data.source=tfds_text --config.data.tfds_n
 from dmmd_jax import config_lib
 
 SIZES = {
-    "tiny": {"data.seq_len": 32, "model.num_layers": 2, "model.width": 64, "model.num_heads": 2,
-             "model.cond_dim": 32, "model.noise_dim": 8, "train.batch_size": 4,
-             "train.num_steps": 10, "train.warmup_steps": 2, "train.log_every": 5,
-             "train.eval_every": 10, "train.eval_batches": 1, "train.checkpoint_every": 10,
+    "tiny": {**config_lib.TINY_LOOP, "data.seq_len": 32, "train.batch_size": 4,
+             "train.num_steps": 10, "train.warmup_steps": 2, "train.eval_batches": 1,
              "train.num_samples": 2, "sample.steps": 4, "distill.batch_size": 4,
-             "distill.num_steps": 10, "distill.warmup_steps": 2, "distill.log_every": 5,
-             "distill.checkpoint_every": 10, "distill.eval_samples": 4,
-             "distill.student_steps": 4},
+             "distill.num_steps": 10, "distill.warmup_steps": 2, "distill.eval_samples": 4},
     "small": {"data.seq_len": 128, "model.num_layers": 4, "model.width": 256,
               "model.num_heads": 4, "model.cond_dim": 64, "model.noise_dim": 16,
               "train.batch_size": 16, "train.num_steps": 2000, "train.learning_rate": 1e-3,

@@ -13,14 +13,7 @@ Uniform diffusion: --config.kernel.kind=uniform (sets no noise input for student
 from dmmd_jax import config_lib
 
 SIZES = {
-    "tiny": {"data.seq_len": 32, "model.num_layers": 2, "model.width": 64, "model.num_heads": 2,
-             "model.cond_dim": 32, "model.noise_dim": 8, "train.batch_size": 8,
-             "train.num_steps": 20, "train.warmup_steps": 5, "train.log_every": 5,
-             "train.eval_every": 10, "train.eval_batches": 2, "train.checkpoint_every": 10,
-             "train.num_samples": 4, "sample.steps": 8, "distill.batch_size": 8,
-             "distill.num_steps": 20, "distill.warmup_steps": 5, "distill.log_every": 5,
-             "distill.checkpoint_every": 10, "distill.eval_samples": 8,
-             "distill.student_steps": 4},
+    "tiny": {**config_lib.TINY_LOOP, "data.seq_len": 32},
     "small": {"data.seq_len": 128, "model.num_layers": 4, "model.width": 128,
               "model.num_heads": 4, "model.cond_dim": 64, "model.noise_dim": 16,
               "train.batch_size": 32, "train.num_steps": 1500, "train.learning_rate": 2e-3,

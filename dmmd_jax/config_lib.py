@@ -46,6 +46,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The `tiny` preset's loop settings, shared by every config: a few steps of everything.
+TINY_LOOP = {
+    "model.num_layers": 2, "model.width": 64, "model.num_heads": 2, "model.cond_dim": 32,
+    "model.noise_dim": 8, "train.batch_size": 8, "train.num_steps": 20,
+    "train.warmup_steps": 5, "train.log_every": 5, "train.eval_every": 10,
+    "train.eval_batches": 2, "train.checkpoint_every": 10, "train.num_samples": 4,
+    "sample.steps": 8, "distill.batch_size": 8, "distill.num_steps": 20,
+    "distill.warmup_steps": 5, "distill.log_every": 5, "distill.checkpoint_every": 10,
+    "distill.eval_samples": 8, "distill.student_steps": 4,
+}
+
+
 def finish(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
   """Record the preset and lock the config (unknown keys become errors)."""
   config.preset = preset
