@@ -28,14 +28,7 @@ SOURCES = {
 }
 
 SIZES = {
-    "tiny": {"model.num_layers": 2, "model.width": 64, "model.num_heads": 2,
-             "model.cond_dim": 32, "model.noise_dim": 8, "train.batch_size": 8,
-             "train.num_steps": 20, "train.warmup_steps": 5, "train.log_every": 5,
-             "train.eval_every": 10, "train.eval_batches": 1, "train.checkpoint_every": 10,
-             "train.num_samples": 4, "sample.steps": 8, "distill.batch_size": 8,
-             "distill.num_steps": 20, "distill.warmup_steps": 5, "distill.log_every": 5,
-             "distill.checkpoint_every": 10, "distill.eval_samples": 8,
-             "distill.student_steps": 4},
+    "tiny": dict(config_lib.TINY_LOOP),
     "small": {"model.num_layers": 4, "model.width": 128, "model.num_heads": 4,
               "model.cond_dim": 64, "model.noise_dim": 16, "train.batch_size": 64,
               "train.num_steps": 3000, "train.learning_rate": 1e-3, "train.ema_decay": 0.99,

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
       soft_targets=False, teacher_temperature=1.0, teacher_top_p=1.0, top_p_mode="soft",
       allow_hard_top_p=False, top_p_delta=2.0, samples_per_z=1, posterior_gap=1e-3,
       use_noise=True, noise_init_scale=1.0, noise_lr_multiplier=1.0, ema_decay=0.99,
-      log_every=50, eval_every=0, eval_samples=64, checkpoint_every=500))
+      log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500))
   return c
 
 

@@ -4,7 +4,7 @@ Every process of a multi-host run calls `initialize()` before any other JAX call
 do it in `cli.setup_jax`). Settings, flag first, then environment:
 
     --coordinator_address  DMMD_COORDINATOR_ADDRESS  host:port of process 0 (JAX's own
-                           or JAX_COORDINATOR_ADDRESS  variable works too)
+                                                     JAX_COORDINATOR_ADDRESS works too)
     --num_processes        DMMD_NUM_PROCESSES        number of processes (hosts)
     --process_id           DMMD_PROCESS_ID           this process, in [0, num_processes)
     --local_device_count   DMMD_LOCAL_DEVICE_COUNT   CPU only: emulated devices per process
@@ -30,7 +30,8 @@ Failure behaviour:
   "Terminating process because the JAX distributed service detected fatal errors. This most
   likely indicates that another task died", within about `--heartbeat_timeout` seconds; nothing
   is left blocked forever. Restart all processes with the same command to resume from the last
-  checkpoint.
+  checkpoint. (At a normal exit, processes wait up to JAX's shutdown timeout, 300 s, for each
+  other.)
 
 CPU collectives across processes use gloo (`jax_cpu_collectives_implementation`), which is set
 when the installed JAX leaves it unset.
@@ -184,6 +185,7 @@ def check_coordinator(options: Options, deadline: float) -> None:
                            f"{name} to process 0's reachable host:port.") from None
   if o.process_id == 0:
     _check_port_free(port, name, o.coordinator_address)
+    _warn_if_not_local(host, name)
     return
   last = None
   while True:
@@ -217,6 +219,24 @@ def _check_port_free(port: int, name: str, address: str) -> None:
         if e.errno == errno.EADDRINUSE:
           raise DistributedError(f"port {port} of {name}={address} is already in use on process "
                                  "0's machine; choose a free port.") from None
+
+
+def _warn_if_not_local(host: str, name: str) -> None:
+  """Process 0 runs the coordinator; the others will look for it at `host`."""
+  try:
+    infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+  except OSError:
+    return
+  for family, kind, proto, _, address in infos:
+    try:
+      with socket.socket(family, kind, proto) as sock:
+        sock.bind((address[0], 0))
+        return
+    except OSError:
+      continue
+  print(f"warning: {name} host {host!r} is not an address of this machine, but process 0 runs "
+        "the coordinator; the other processes will not find it unless the address forwards here.",
+        file=sys.stderr, flush=True)
 
 
 def _set_local_devices(options: Options) -> None:
@@ -259,8 +279,7 @@ def initialize(options: Options | None = None) -> bool:
       coordinator_address=options.coordinator_address, num_processes=options.num_processes,
       process_id=options.process_id,
       initialization_timeout=max(10, int(deadline - time.monotonic())),
-      heartbeat_timeout_seconds=options.heartbeat_timeout,
-      shutdown_timeout_seconds=options.heartbeat_timeout))
+      heartbeat_timeout_seconds=options.heartbeat_timeout))
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError, TypeError) as e:

@@ -155,13 +155,25 @@ def _train_step(config: FeatureNetConfig, optimizer):
   return step
 
 
+def batched_apply(params, config: FeatureNetConfig, tokens, batch_size: int = 512):
+  """(logits `[n, classes]`, features `[n, feature_dim]`) as numpy, `batch_size` rows per call,
+  every call padded to `batch_size` rows (one compile for any n)."""
+  tokens = np.asarray(tokens, np.int32)
+  logits, features = [], []
+  for i in range(0, len(tokens), batch_size):
+    batch = tokens[i:i + batch_size]
+    padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
+                                              np.int32)])
+    out = jax.device_get(apply(params, padded, config=config))
+    logits.append(out[0][:len(batch)])
+    features.append(out[1][:len(batch)])
+  return np.concatenate(logits), np.concatenate(features)
+
+
 def accuracy(params, config: FeatureNetConfig, tokens, labels, batch_size: int = 512) -> float:
   """Top-1 accuracy on int tokens `[n, H·W·C]`, labels `[n]`."""
-  correct = 0
-  for i in range(0, len(tokens), batch_size):
-    logits, _ = apply(params, jnp.asarray(tokens[i:i + batch_size]), config=config)
-    correct += int(np.sum(np.argmax(np.asarray(logits), axis=1) == labels[i:i + batch_size]))
-  return correct / max(len(tokens), 1)
+  logits, _ = batched_apply(params, config, tokens, batch_size)
+  return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
 def train(tokens, labels, config: FeatureNetConfig, *, num_steps: int, batch_size: int,
@@ -247,14 +259,7 @@ class FeatureNet:
 
   def features(self, tokens, batch_size: int = 512) -> np.ndarray:
     """Penultimate-layer features, float32 `[n, feature_dim]`, of int tokens `[n, H·W·C]`."""
-    tokens = np.asarray(tokens, np.int32)
-    out = []
-    for i in range(0, len(tokens), batch_size):
-      batch = tokens[i:i + batch_size]
-      pad = batch_size - len(batch) if len(tokens) > batch_size else 0
-      padded = np.concatenate([batch, np.zeros((pad, batch.shape[1]), np.int32)])
-      out.append(np.asarray(apply(self.params, padded, config=self.config)[1])[:len(batch)])
-    return np.concatenate(out)
+    return batched_apply(self.params, self.config, tokens, batch_size)[1]
 
   def check_compatible(self, info: data_lib.DataInfo) -> None:
     """ValueError unless samples described by `info` are images this network reads."""

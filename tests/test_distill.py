@@ -18,7 +18,6 @@ Part 3 covers resume exactness and the errors of a distillation run.
 import functools
 import itertools
 import math
-import os
 import shutil
 
 import _helpers
@@ -100,7 +99,7 @@ def enumerate_draws(kernel, z_t, student_logits, weights, s=S, t=T):
 
 
 def student_moments(kernel, draws) -> np.ndarray:
-  """E_student[x_i | z_s] for every z_s state `[V_in**L, L, K]` (uniform where z_s is impossible)."""
+  """E_student[x_i | z_s] for every z_s state `[V_in**L, L, K]` (uniform for impossible z_s)."""
   v = kernel.input_vocab_size
   num = np.zeros((v**L, L, K))
   den = np.zeros(v**L)
@@ -201,12 +200,12 @@ def test_fixed_point_student_gradient_is_exactly_zero(kernel):
   def gen(student, aux):
     return estimator(student, aux, params, x, key)["gen_loss"]
 
-  value, grads = jax.jit(jax.value_and_grad(gen))(params, params)
+  value, grads = jax.value_and_grad(gen)(params, params)
   assert float(value) == 0.0
   assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
   # Control: an auxiliary that differs from the teacher gives a non-zero student gradient.
   moved = jax.tree.map(lambda p: p * 1.1, params)
-  grads = jax.jit(jax.grad(gen))(params, moved)
+  grads = jax.grad(gen)(params, moved)
   assert float(optax_global_norm(grads)) > 1e-4
 
 
@@ -320,8 +319,8 @@ def test_soft_target_identity(kernel):
 
     log_p = jax.nn.log_softmax(logits, -1)
     p_x = jnp.prod(jnp.exp(jnp.take_along_axis(log_p[None], xs[..., None], -1)[..., 0]), -1)
-    rev = jax.jit(jax.vmap(lambda lx: distill.reverse_log_probs(kernel, jnp.asarray(z_s)[None], lx[None],
-                                                        s, GAP)[0]))
+    rev = jax.jit(jax.vmap(lambda lx: distill.reverse_log_probs(
+        kernel, jnp.asarray(z_s)[None], lx[None], s, GAP)[0]))
     entropy = lambda lp: -jnp.sum(jnp.exp(lp) * lp, -1)  # over the last axis
     hard_entropy = jnp.sum(p_x[:, None] * entropy(rev(kernels.log_one_hot(xs, K))), 0)
     gap = jnp.sum(entropy(rev(log_p[None])[0]) - hard_entropy) / GAP / L
@@ -353,7 +352,8 @@ def test_soft_target_identity(kernel):
 
     g_soft = jax.jit(jax.grad(gen_soft))(logits)
     np.testing.assert_allclose(gen_soft(logits), expected_hard(logits), rtol=1e-10)
-    np.testing.assert_allclose(g_soft, jax.jit(jax.grad(expected_hard))(logits), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(g_soft, jax.jit(jax.grad(expected_hard))(logits), rtol=1e-8,
+                               atol=1e-12)
 
     # Score-function Monte Carlo: E_x[gen(x) ∇ log p(x)] over many sampled x.
     def score(x):
@@ -370,8 +370,8 @@ def test_soft_target_identity(kernel):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_masked_gen_loss_is_the_papers_weighted_log_ratio(dtype):
   """Linear schedule: gen_loss = mean_b w(s_b) Σ_{masked i} Σ_c p_ic (log x̂_φ − log x̂_θ)_ic / L
-  with w(s) = 1/s (also for s < posterior_gap, where s' is clamped to 0); aux_loss equals the paper's
-  w(s) Σ_{masked i} −(y + x̂_θ)·log x̂_φ / L up to a φ-independent constant."""
+  with w(s) = 1/s (also for s < posterior_gap, where s' is clamped to 0); aux_loss equals the
+  paper's w(s) Σ_{masked i} −(y + x̂_θ)·log x̂_φ / L up to a φ-independent constant."""
   kernel = kernels.Kernel("masked", 4)
   batch, length = 5, 6
   rng = np.random.default_rng(7)
@@ -540,3 +540,274 @@ def test_losses_are_finite_when_s_is_exactly_zero():
     out = moment_losses(draw, log_p, jnp.roll(log_p, 1, -1), kernel=kernel, cfg=dcfg())
     assert np.isfinite(float(out["gen_loss"])), (kernel.kind, out)
     assert np.isfinite(float(out["aux_loss"])), (kernel.kind, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 2: beyond single tokens — the copy task through the real training path.
+
+COPY_TEACHER = {"data.vocab_size": 2, "train.batch_size": 64, "train.learning_rate": 3e-3,
+                "train.ema_decay": 0.99, **_helpers.quiet_schedule("train", 600, log_every=100)}
+COPY_STUDENT = {"distill.student_steps": 1, "distill.batch_size": 64,
+                "distill.learning_rate": 3e-4, "distill.aux_learning_rate": 1e-3}
+NUM_SAMPLES = 4000
+
+
+@pytest.fixture(scope="module")
+def copy_data(tmp_path_factory):
+  return _helpers.copy_task_tokens(tmp_path_factory.mktemp("copy_data") / "copy.npy")
+
+
+def copy_config(data_path, kind="masked", **overrides):
+  return _helpers.make_config("npy_tokens", **{
+      "data.path": data_path, "kernel.kind": kind, **COPY_TEACHER, **COPY_STUDENT, **overrides})
+
+
+@pytest.fixture(scope="module")
+def copy_teachers(copy_data, tmp_path_factory):
+  """Trains (once per module, on first use) the 600-step copy-task teacher of a kernel."""
+  done = {}
+
+  def get(kind):
+    if kind not in done:
+      workdir = str(tmp_path_factory.mktemp(f"copy_teacher_{kind}"))
+      train.train_teacher(copy_config(copy_data, kind), workdir)
+      done[kind] = workdir
+    return done[kind]
+
+  return get
+
+
+def distil_copy_task(copy_data, teacher, workdir, kind, num_steps, **overrides):
+  config = copy_config(copy_data, kind, **{
+      "distill.teacher_workdir": teacher,
+      **_helpers.quiet_schedule("distill", num_steps, log_every=100), **overrides})
+  assert distill.distill(config, workdir) == {"step": num_steps}
+  return runs.load(workdir).sample(NUM_SAMPLES, seed=1)
+
+
+def describe(name, tokens):
+  freqs = [np.bincount(tokens[:, i], minlength=2) / len(tokens) for i in range(2)]
+  line = (f"{name}: agree {_helpers.agreement(tokens):.3f}, value frequencies pos1 "
+          f"{np.round(freqs[0], 3).tolist()} pos2 {np.round(freqs[1], 3).tolist()}")
+  print(line)
+  return freqs
+
+
+def check_teacher(teacher):
+  model = runs.load(teacher)
+  one_step = model.sample(NUM_SAMPLES, steps=1, seed=1)
+  many_steps = model.sample(NUM_SAMPLES, steps=64, seed=1)
+  describe("teacher 1 step", one_step)
+  describe("teacher 64 steps", many_steps)
+  assert abs(_helpers.agreement(one_step) - 0.5) < 0.06  # independent guesses
+  assert _helpers.agreement(many_steps) > 0.95  # the teacher did learn the copy
+
+
+# Tuned through config overrides (not the library) so that the masked student converges reliably
+# within the test: with the lead's settings (noise_init_scale = 3, lr 3e-4) the student collapsed
+# to a single value in 3 of 5 runs here (seed- and teacher-dependent); noise_init_scale = 10 with
+# lr 6e-4 reached ≥ 0.95 agreement by ~1000 updates in every run tried.
+MASKED_STUDENT = {"distill.noise_init_scale": 10.0, "distill.learning_rate": 6e-4}
+MASKED_STEPS = 1500
+
+
+@pytest.mark.slow
+def test_copy_task_masked_student_learns_the_correlation(copy_data, copy_teachers, tmp_path):
+  """Masked kernel, k = 1: the student agrees ≥ 95% while both values keep frequency in
+  [0.35, 0.65] (the 1-step teacher agrees only ≈ 1/2)."""
+  teacher = copy_teachers("masked")
+  check_teacher(teacher)
+  tokens = distil_copy_task(copy_data, teacher, str(tmp_path / "student"), "masked",
+                            MASKED_STEPS, **MASKED_STUDENT)
+  freqs = describe(f"masked student ({MASKED_STEPS} updates)", tokens)
+  assert _helpers.agreement(tokens) >= 0.95
+  assert all(0.35 <= f <= 0.65 for pos in freqs for f in pos)
+
+
+@pytest.mark.slow
+def test_copy_task_uniform_student_learns_the_correlation(copy_data, copy_teachers, tmp_path):
+  """Uniform kernel, k = 1 (no noise input; the randomness comes from z_1): the student agrees far
+  more often than the 1-step teacher and keeps both values.
+
+  Finding: the balance bound is looser than the masked one. In every run tried (lr 3e-4 … 1e-3,
+  1500–3000 updates, samples_per_z 1 or 4, four teacher seeds) the student settled on a map
+  z_1 → x that sends z_1 = 01 and z_1 = 10 to the same value (an OR / AND of the two noise
+  tokens), i.e. value frequencies 1/4 : 3/4, instead of a position-asymmetric map with 1/2 : 1/2.
+  The network (rotary positions only) starts nearly mirror-symmetric and the expected D-MMD
+  gradient does not break the tie."""
+  teacher = copy_teachers("uniform")
+  check_teacher(teacher)
+  workdir = str(tmp_path / "student")
+  tokens = distil_copy_task(copy_data, teacher, workdir, "uniform", 1500)
+  freqs = describe("uniform student (1500 updates)", tokens)
+  model = runs.load(workdir)
+  z_1 = jnp.array([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.int32)
+  p_one = jax.nn.softmax(model.setup.apply_fn(model.params, z_1, jnp.ones(4)), -1)[..., 1]
+  print("uniform student P(x_i = 1 | z_1) for z_1 = 00, 01, 10, 11:",
+        np.round(np.asarray(p_one), 3).tolist())
+  assert _helpers.agreement(tokens) >= 0.85
+  assert all(0.15 <= f <= 0.85 for pos in freqs for f in pos)
+
+
+@pytest.mark.slow
+def test_copy_task_zero_noise_init_collapses(copy_data, copy_teachers, tmp_path):
+  """Finding (documented, reproducible here): with the paper's zero-initialised noise projection
+  (noise_init_scale = 0) the expected gradient on the projection is zero at the start, and the
+  masked student collapses to a single value (agreement ≈ 1 but one value ≈ always) before it
+  learns to use its noise."""
+  teacher = copy_teachers("masked")
+  tokens = distil_copy_task(copy_data, teacher, str(tmp_path / "student"), "masked", 800,
+                            **{"distill.noise_init_scale": 0.0})
+  freqs = describe("masked student, noise_init_scale=0 (800 updates)", tokens)
+  assert _helpers.agreement(tokens) > 0.95
+  assert max(freqs[0]) > 0.95 and max(freqs[1]) > 0.95
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 3: resume exactness and errors, with a 4-step teacher (fast).
+
+
+@pytest.fixture(scope="module")
+def small_teacher(copy_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("small_teacher"))
+  train.train_teacher(small_config(copy_data, **_helpers.quiet_schedule("train", 4)), workdir)
+  return workdir
+
+
+def small_config(data_path, **overrides):
+  return _helpers.make_config("npy_tokens", **{"data.path": data_path, "data.vocab_size": 2,
+                                               **overrides})
+
+
+class Interrupted(Exception):
+  """Stands for a killed process."""
+
+
+def test_distill_resume_is_exact(copy_data, small_teacher, tmp_path, monkeypatch):
+  """8 updates in one go vs. killed right after the step-4 checkpoint and restarted with the same
+  call: identical metrics rows (all steps) and identical final student / auxiliary parameters."""
+  overrides = {"distill.teacher_workdir": small_teacher,
+               **_helpers.quiet_schedule("distill", 8, log_every=1, checkpoint_every=4)}
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  distill.distill(small_config(copy_data, **overrides), straight)
+
+  save = workdir_lib.save_checkpoint
+
+  def save_then_die(manager, step, state, data_state):
+    save(manager, step, state, data_state)
+    manager.wait_until_finished()
+    raise Interrupted(step)
+
+  monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
+  with pytest.raises(Interrupted):
+    distill.distill(small_config(copy_data, **overrides), resumed)
+  monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
+  assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
+  assert distill.distill(small_config(copy_data, **overrides), resumed) == {"step": 8}
+
+  rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
+  rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))
+  assert [r["step"] for r in rows_b] == list(range(1, 9))
+  assert rows_a == rows_b
+  assert {"gen_loss", "aux_loss"} <= set(rows_a[-1])
+  for name in ("student", "aux", "student_ema"):
+    a, b = workdir_lib.load_params(straight, name), workdir_lib.load_params(resumed, name)
+    assert _helpers.tree_max_abs_diff(a, b) <= 1e-6, name
+  # The student really moved away from the teacher (so equal parameters mean something).
+  teacher = workdir_lib.load_params(small_teacher, "ema_params")
+  student = workdir_lib.load_params(straight, "student")
+  shared = [k for k in teacher if k != "noise_proj"]
+  assert _helpers.tree_max_abs_diff({k: student[k] for k in shared},
+                                    {k: teacher[k] for k in shared}) > 1e-4
+
+
+@pytest.mark.parametrize("teacher_dir, message", [
+    ("", "teacher_workdir is empty"),
+    ("missing", "has no config.json"),
+])
+def test_distill_refuses_a_missing_teacher(copy_data, tmp_path, teacher_dir, message):
+  teacher = str(tmp_path / teacher_dir) if teacher_dir else ""
+  workdir = tmp_path / "student"
+  config = small_config(copy_data, **{"distill.teacher_workdir": teacher})
+  with pytest.raises(distill.DistillError, match=message):
+    distill.distill(config, str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"data.vocab_size": 3}, "data.vocab_size"),
+    ({"kernel.kind": "uniform"}, "kernel.kind"),
+    ({"model.width": 32}, "model.width"),
+    ({"model.num_layers": 1}, "model.num_layers"),
+])
+def test_distill_refuses_a_teacher_of_another_architecture(copy_data, small_teacher, tmp_path,
+                                                           override, key):
+  workdir = tmp_path / "student"
+  config = small_config(copy_data, **{"distill.teacher_workdir": small_teacher, **override})
+  with pytest.raises(distill.DistillError, match=key.replace(".", r"\.")):
+    distill.distill(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_student_may_choose_its_own_noise_input(copy_data, small_teacher, tmp_path):
+  """The noise input is the student's own: a different noise_dim than the teacher's is allowed."""
+  config = small_config(copy_data, **{
+      "distill.teacher_workdir": small_teacher, "model.noise_dim": 3,
+      **_helpers.quiet_schedule("distill", 2)})
+  assert distill.distill(config, str(tmp_path / "student")) == {"step": 2}
+  student = workdir_lib.load_params(str(tmp_path / "student"), "student")
+  assert student["noise_proj"]["kernel"].shape == (3, 64)
+
+
+@pytest.mark.parametrize("steps", [0, -2])
+def test_distill_refuses_non_positive_student_steps(copy_data, small_teacher, tmp_path, steps):
+  config = small_config(copy_data, **{"distill.teacher_workdir": small_teacher,
+                                      "distill.student_steps": steps})
+  with pytest.raises(config_lib.ConfigError, match="distill.student_steps"):
+    distill.distill(config, str(tmp_path / "student"))
+  assert not (tmp_path / "student").exists()
+
+
+def _biggest_state_file(workdir):
+  files = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file() and "state" in p.parts]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["delete_data", "garble_data", "delete_metadata",
+                                    "no_checkpoints"])
+def test_distill_reports_a_corrupt_teacher_checkpoint(copy_data, small_teacher, tmp_path, damage):
+  teacher = tmp_path / "teacher"
+  shutil.copytree(small_teacher, teacher)
+  if damage == "delete_data":
+    _biggest_state_file(teacher).unlink()
+  elif damage == "garble_data":
+    path = _biggest_state_file(teacher)
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+  elif damage == "delete_metadata":
+    next((teacher / "checkpoints").glob("*/state/_METADATA")).unlink()
+  else:
+    shutil.rmtree(teacher / "checkpoints")
+  config = small_config(copy_data, **{"distill.teacher_workdir": str(teacher)})
+  message = "has no checkpoint" if damage == "no_checkpoints" else "could not be read"
+  with pytest.raises(workdir_lib.WorkdirError, match=message) as info:
+    distill.distill(config, str(tmp_path / "student"))
+  assert str(teacher) in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(copy_data, small_teacher,
+                                                                        tmp_path):
+  workdir = tmp_path / "student"
+  config = small_config(copy_data, **{
+      "distill.teacher_workdir": small_teacher, "distill.learning_rate": 1e30,
+      "distill.aux_learning_rate": 1e30, "distill.warmup_steps": 0,
+      **_helpers.quiet_schedule("distill", 20, log_every=1, checkpoint_every=1)})
+  with pytest.raises(train.TrainingError, match=r"(gen|aux)_loss became nan at step \d+") as info:
+    distill.distill(config, str(workdir))
+  bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+  print("distill NaN:", info.value)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] == bad_step - 1
+  params = workdir_lib.load_params(str(workdir), "student")
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert all(r["step"] < bad_step for r in _helpers.read_metrics(workdir))

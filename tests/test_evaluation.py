@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax import data as data_lib
 from dmmd_jax import evaluation, synthetic

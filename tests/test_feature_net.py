@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax import data as data_lib
 from dmmd_jax import feature_net, metrics

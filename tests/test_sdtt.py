@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax import denoiser, kernels, losses, schedules, sdtt, synthetic
 
@@ -49,39 +50,19 @@ def _time_only_apply(params, tokens, t, noise=None):
   return jnp.broadcast_to(logits[:, None, :], tokens.shape + (4,)) * 3.0
 
 
-def test_teacher_targets_mix_the_two_teacher_steps():
-  """With a time-only teacher the target's mean over the intermediate sample is exactly
-  γ x̂(t_0) + (1 − γ) x̂(t_1), γ = P(a masked token is revealed by the first step)."""
-  n, batch = 4, 64
-  z_t = jnp.full((batch, 8), KERNEL.mask_id, jnp.int32).at[:, 0].set(2)
-  index = jnp.full((batch,), 2)  # t = 0.5 → 0.25 → 0 on the n = 4 grid
-  targets = jax.vmap(lambda k: sdtt.teacher_targets(
-      k, None, z_t, index, n, apply_fn=_time_only_apply, kernel=KERNEL, grid="uniform"))(
-          jax.random.split(jax.random.key(0), 64))
-  x1 = jax.nn.softmax(_time_only_apply(None, z_t[:1], jnp.array([0.5]))[0, 1])
-  x2 = jax.nn.softmax(_time_only_apply(None, z_t[:1], jnp.array([0.25]))[0, 1])
-  gamma = (0.75 - 0.5) / (1 - 0.5)
-  np.testing.assert_allclose(targets[:, :, 1:].mean(axis=(0, 1, 2)),
-                             gamma * x1 + (1 - gamma) * x2, atol=0.01)
-  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
-
-
-def test_loss_and_marginal_kl_of_a_time_only_teacher():
+def test_marginal_kl_of_a_time_only_teacher():
+  """n = 2: one student step from t = 1 (all masked). The teacher's first step reveals each
+  position with probability γ = ½, so its two-step output is ½ x̂(1) + ½ x̂(0.5), and the
+  one-step output x̂(1) is exactly KL(mix ‖ x̂(1)) away from it."""
   x = jnp.zeros((4, 8), jnp.int32)
-  loss, metrics = sdtt.sdtt_loss(None, None, x, jax.random.key(1), 4,
-                                 apply_fn=_time_only_apply, kernel=KERNEL, grid="uniform")
-  assert float(loss) >= 0.0 and float(metrics["kl_per_masked"]) >= float(loss)
-  # n = 2: one student step from t = 1 (all masked); half the positions are revealed by the
-  # teacher's first step, so the two-step output is ½ x̂(1) + ½ x̂(0.5) and the one-step
-  # student x̂(1) is KL(mix ‖ x̂(1)) away from it.
   kl = sdtt.marginal_kl(None, None, x, jax.random.key(2), 2, apply_fn=_time_only_apply,
                         kernel=KERNEL, num_draws=64)
   one = jax.nn.softmax(_time_only_apply(None, x[:1], jnp.array([1.0]))[0, 0])
   mix = 0.5 * one + 0.5 * jax.nn.softmax(_time_only_apply(None, x[:1], jnp.array([0.5]))[0, 0])
-  assert float(kl) == pytest.approx(float(jnp.sum(mix * jnp.log(mix / one))), rel=0.2)
+  assert float(kl) == pytest.approx(float(jnp.sum(mix * jnp.log(mix / one))), rel=0.15)
 
 
-def _trained_teacher(data, steps=200):
+def _trained_teacher(data, steps=150):
   params = flax.linen.unbox(denoiser.init_params(jax.random.key(0), CFG))
   opt = optax.adam(3e-3)
 
@@ -109,14 +90,16 @@ def test_one_round_moves_the_student_towards_the_two_step_teacher():
   update = jax.jit(functools.partial(sdtt.sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
                                      ema_decay=0.0, seed=0))
   rng = np.random.default_rng(1)
+  # Same (t, z_t) draws before and after; the finite-draw bias of the KL does not depend on the
+  # student, so the comparison is fair.
   evaluate = functools.partial(sdtt.expected_marginal_kl, x=data[:64], num_steps=4,
-                               apply_fn=APPLY, kernel=KERNEL)
+                               apply_fn=APPLY, kernel=KERNEL, num_keys=4, num_draws=128)
   before = evaluate(teacher, teacher)
-  for _ in range(60):
+  for _ in range(50):
     state, metrics = update(state, data[rng.integers(0, len(data), 64)], np.int32(4))
   after = evaluate(state.student, teacher)
   assert np.isfinite(float(metrics["kl_loss"]))
-  assert before > 1e-3 and after < 0.75 * before
+  assert before > 1e-3 and after < 0.8 * before
   np.testing.assert_array_equal(state.student_ema["logits"]["kernel"],
                                 state.student["logits"]["kernel"])  # ema_decay 0
 

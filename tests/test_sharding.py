@@ -1,0 +1,214 @@
+"""Tests for `dmmd_jax.sharding`: one code path from 1 device to a (data, fsdp, tensor) mesh.
+
+The multi-device checks run in a subprocess that sees 8 emulated CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`; this pytest process may already have
+initialised JAX with one). It builds the digits `tiny` setup once per mesh, runs one teacher step
+and one auxiliary + one student D-MMD update on the same batch, and reports the differences to the
+1-device mesh as JSON.
+"""
+
+import json
+import types
+
+import _helpers
+import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
+
+from dmmd_jax import sharding
+
+MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1)]
+
+WORKER = r'''
+import dataclasses, json, math, sys
+import jax, jax.numpy as jnp, numpy as np
+cache, tests_dir, out_path = sys.argv[1:4]
+if cache:
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+sys.path.insert(0, tests_dir)
+import _helpers
+from dmmd_jax import distill, sharding, train
+
+assert jax.device_count() == 8, jax.devices()
+MESHES = [(1, 1, 1), (8, 1, 1), (4, 2, 1), (2, 4, 1)]
+# Warm-up 0: the very first update must move the parameters. One layer of width 32 keeps the
+# 4 meshes × 3 programs of compiling short.
+config = _helpers.make_config("digits", "tiny", **{
+    "train.batch_size": 8, "distill.batch_size": 8, "train.warmup_steps": 0,
+    "distill.warmup_steps": 0, "model.num_layers": 1, "model.width": 32})
+base = train.build_setup(config, 8)  # mesh data=-1: all 8 devices
+rows = np.asarray(base.train_tokens[:16])
+host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+def run(shape):
+  mesh_cfg = dict(zip(("data", "fsdp", "tensor"), shape))
+  mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:math.prod(shape)])
+  setup = dataclasses.replace(base, mesh=mesh)
+  sharding.check_divisibility(mesh, 8, setup.model_cfg.width)
+  out = {}
+  with sharding.rules_context(mesh):
+    optimizer = train.teacher_optimizer(config)
+    state, shardings = train.init_teacher_state(setup, optimizer)
+    kernel = state.params["block_0"]["mlp_in"]["kernel"]
+    out["spec"] = [str(a) for a in kernel.sharding.spec]
+    out["shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+    out["embed_shard_shape"] = list(
+        state.params["embed"]["embedding"].addressable_shards[0].data.shape)
+    out["init"] = host(state.params)
+    teacher = jax.tree.map(jnp.copy, state.params)
+    step = train.compile_teacher_step(setup, optimizer, shardings)
+    state, metrics = step(state, sharding.global_batch(rows[:8], mesh))
+    out["teacher_metrics"] = host(metrics)
+    out["teacher_params"] = host(state.params)
+
+    student_opt, aux_opt = distill.distill_optimizers(config)
+    dstate = distill.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
+                                        config.distill.noise_init_scale)
+    cfg = distill.DistillConfig.from_config(config)
+    student_update, aux_update = distill.compile_updates(
+        setup, cfg, student_opt, aux_opt, train.shardings_of(dstate), train.shardings_of(teacher))
+    dstate, aux_metrics = aux_update(dstate, teacher, sharding.global_batch(rows[:8], mesh))
+    dstate, student_metrics = student_update(dstate, teacher,
+                                             sharding.global_batch(rows[8:16], mesh))
+    out["aux_metrics"] = host(aux_metrics)
+    out["student_metrics"] = host(student_metrics)
+    out["aux"], out["student"] = host(dstate.aux), host(dstate.student)
+    out["student_noise_shard_shape"] = list(
+        dstate.student["block_0"]["qkv"]["kernel"].addressable_shards[0].data.shape)
+  return out
+
+results = {shape: run(shape) for shape in MESHES}
+ref = results[(1, 1, 1)]
+
+def max_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+def rel_metric_diff(a, b):
+  return {k: abs(float(a[k]) - float(b[k])) / max(1.0, abs(float(b[k]))) for k in b}
+
+report = {}
+for shape, got in results.items():
+  report["x".join(map(str, shape))] = dict(
+      spec=got["spec"], shard_shape=got["shard_shape"],
+      embed_shard_shape=got["embed_shard_shape"],
+      qkv_shard_shape=got["student_noise_shard_shape"],
+      init=max_diff(got["init"], ref["init"]),
+      teacher_params=max_diff(got["teacher_params"], ref["teacher_params"]),
+      teacher_metrics=rel_metric_diff(got["teacher_metrics"], ref["teacher_metrics"]),
+      aux=max_diff(got["aux"], ref["aux"]),
+      student=max_diff(got["student"], ref["student"]),
+      aux_metrics=rel_metric_diff(got["aux_metrics"], ref["aux_metrics"]),
+      student_metrics=rel_metric_diff(got["student_metrics"], ref["student_metrics"]),
+      moved=dict(teacher=max_diff(got["teacher_params"], got["init"]),
+                 aux=max_diff(got["aux"], got["init"]),
+                 student=max_diff({k: v for k, v in got["student"].items() if k != "noise_proj"},
+                                  {k: v for k, v in got["init"].items() if k != "noise_proj"})),
+      values={k: float(v) for k, v in {**got["aux_metrics"], **got["student_metrics"]}.items()})
+
+errors = {}
+for name, (shape, batch, width) in {"batch": ((2, 4, 1), 12, 64),
+                                    "width": ((1, 8, 1), 8, 36)}.items():
+  mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+  try:
+    sharding.check_divisibility(mesh, batch, width)
+    errors[name] = None
+  except ValueError as e:
+    errors[name] = str(e)
+report["errors"] = errors
+with open(out_path, "w") as f:
+  json.dump(report, f, indent=1)
+'''
+
+
+@pytest.fixture(scope="module")
+def mesh_report(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sharding")
+  script, out = tmp / "worker.py", tmp / "report.json"
+  script.write_text(WORKER)
+  env = _helpers.cache_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                            "JAX_PLATFORMS": "cpu"})
+  proc = _helpers.run_python([script, env.get("DMMD_JAX_COMPILATION_CACHE", ""),
+                              _helpers.REPO / "tests", out], env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=["x".join(map(str, m)) for m in MESHES])
+def test_sharded_steps_match_one_device(mesh_report, shape):
+  """One teacher step and one auxiliary + one student update give the same losses and updated
+  parameters on an 8-device mesh as on one device (to ~1e-5), starting from identical parameters."""
+  got = mesh_report["x".join(map(str, shape))]
+  assert got["init"] == 0.0
+  assert got["teacher_params"] < 1e-5
+  assert got["aux"] < 1e-5 and got["student"] < 1e-5
+  for metrics in ("teacher_metrics", "aux_metrics", "student_metrics"):
+    assert max(got[metrics].values()) < 1e-5, (metrics, got[metrics])
+  # The updates did something (so equality is not vacuous).
+  assert min(got["moved"].values()) > 1e-4, got["moved"]
+  assert got["values"]["gen_loss"] != 0.0 and got["values"]["aux_loss"] > 0.0
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=["x".join(map(str, m)) for m in MESHES])
+def test_parameters_are_sharded_over_fsdp(mesh_report, shape):
+  """`embed` dimensions are split over the fsdp axis (mlp over tensor): with fsdp = f each device
+  holds width / f rows of an [embed, mlp] kernel and of every student parameter alike."""
+  got = mesh_report["x".join(map(str, shape))]
+  fsdp = shape[1]
+  assert got["spec"] == ["fsdp", "tensor"]
+  assert got["shard_shape"] == [32 // fsdp, 128]  # width 32, mlp 4 × 32
+  assert got["embed_shard_shape"] == [18, 32 // fsdp]  # 17 levels + MASK
+  assert got["qkv_shard_shape"][0] == 32 // fsdp
+
+
+def test_divisibility_errors_on_a_real_mesh(mesh_report):
+  errors = mesh_report["errors"]
+  assert "batch size 12 is not divisible by data×fsdp = 8" in errors["batch"]
+  assert "model.width 36 is not divisible by mesh.fsdp = 8" in errors["width"]
+
+
+@pytest.mark.parametrize("mesh_cfg, devices, expected", [
+    ({"data": -1, "fsdp": 1, "tensor": 1}, 8, (8, 1, 1)),
+    ({"data": -1, "fsdp": 2, "tensor": 1}, 8, (4, 2, 1)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, 8, (2, 2, 2)),
+    ({"data": 1, "fsdp": 1, "tensor": -1}, 4, (1, 1, 4)),
+    ({"data": -1, "fsdp": 1, "tensor": 1}, 1, (1, 1, 1)),
+    ({"data": 2, "fsdp": 4, "tensor": 1}, 8, (2, 4, 1)),
+])
+def test_mesh_shape_resolves_minus_one(mesh_cfg, devices, expected):
+  assert sharding.mesh_shape(mesh_cfg, devices) == expected
+
+
+@pytest.mark.parametrize("mesh_cfg, devices, message", [
+    ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "at most one -1"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, 8, "must be positive"),
+    ({"data": -2, "fsdp": 1, "tensor": 1}, 8, "must be positive"),
+    ({"data": 3, "fsdp": -1, "tensor": 1}, 8, "does not divide the 8 devices"),
+    ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "does not divide the 8 devices"),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, 8, "uses 4 devices but 8 are present"),
+    ({"data": 4, "fsdp": 4, "tensor": 1}, 8, "does not divide the 8 devices"),
+])
+def test_mesh_shape_errors(mesh_cfg, devices, message):
+  with pytest.raises(ValueError, match=message) as info:
+    sharding.mesh_shape(mesh_cfg, devices)
+  assert "config.mesh" in str(info.value) or "-1" in str(info.value)
+
+
+def _mesh(data, fsdp, tensor=1):
+  """check_divisibility reads only `mesh.shape`; a stand-in avoids needing 8 devices here."""
+  return types.SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+@pytest.mark.parametrize("mesh, batch, width, message", [
+    (_mesh(4, 1), 6, 64, "batch size 6 is not divisible by data×fsdp = 4"),
+    (_mesh(2, 4), 12, 64, "batch size 12 is not divisible by data×fsdp = 8"),
+    (_mesh(1, 4), 8, 66, "model.width 66 is not divisible by mesh.fsdp = 4"),
+])
+def test_check_divisibility_errors(mesh, batch, width, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.check_divisibility(mesh, batch, width)
+
+
+@pytest.mark.parametrize("mesh, batch, width", [
+    (_mesh(4, 1), 8, 64), (_mesh(2, 4), 16, 64), (_mesh(1, 8), 8, 64), (_mesh(1, 1), 3, 10)])
+def test_check_divisibility_accepts(mesh, batch, width):
+  sharding.check_divisibility(mesh, batch, width)

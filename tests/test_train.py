@@ -1,0 +1,177 @@
+"""Tests for `dmmd_jax.train`: the teacher training run (resume, learning, input errors).
+
+Runs use the `tiny` presets (2 layers, width 64) on real data: scikit-learn digits (64 pixel
+tokens, 17 grey levels) and small .npy token arrays.
+"""
+
+import json
+import os
+
+import _helpers
+import jax
+import numpy as np
+import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
+
+from dmmd_jax import config_lib, train
+from dmmd_jax import data as data_lib
+from dmmd_jax import workdir as workdir_lib
+
+
+def digits_config(**overrides):
+  return _helpers.make_config("digits", "tiny", **overrides)
+
+
+class Interrupted(Exception):
+  """Stands for a killed process."""
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
+  """8 steps in one go vs. killed right after the step-4 checkpoint and restarted with the same
+  call: the metrics.jsonl rows (losses, gradient norms, held-out bits/token at steps 4 and 8)
+  are identical for every step, and so are the final parameters and EMA parameters."""
+  overrides = {"kernel.kind": kind, **_helpers.quiet_schedule("train", 8, checkpoint_every=4),
+               "train.eval_every": 4, "train.uniform_elbo_steps": 100}
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  result = train.train_teacher(digits_config(**overrides), straight)
+
+  save = workdir_lib.save_checkpoint
+
+  def save_then_die(manager, step, state, data_state):
+    save(manager, step, state, data_state)
+    manager.wait_until_finished()
+    raise Interrupted(step)
+
+  monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
+  with pytest.raises(Interrupted):
+    train.train_teacher(digits_config(**overrides), resumed)
+  monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
+  assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
+  assert train.train_teacher(digits_config(**overrides), resumed) == result
+
+  rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
+  rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))
+  assert [r["step"] for r in rows_a] == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # + the final evaluation
+  assert rows_a == rows_b
+  assert "eval_bpt" in rows_a[3] and "eval_bpt" in rows_a[7]
+  for name in ("params", "ema_params"):
+    a, b = workdir_lib.load_params(straight, name), workdir_lib.load_params(resumed, name)
+    assert _helpers.tree_max_abs_diff(a, b) <= 1e-6, name
+
+
+def test_teacher_learns_digits(tmp_path):
+  """The negative ELBO falls on real data within 60 steps: training loss (bits/token) and the
+  held-out bound of the EMA parameters both improve clearly."""
+  config = digits_config(**{**_helpers.quiet_schedule("train", 60, log_every=5),
+                            "train.eval_every": 10, "train.ema_decay": 0.9,
+                            "train.learning_rate": 3e-3, "train.batch_size": 32})
+  result = train.train_teacher(config, str(tmp_path))
+  rows = _helpers.read_metrics(tmp_path)
+  losses = [r["loss_bpt"] for r in rows if "loss_bpt" in r]
+  evals = [r["eval_bpt"] for r in rows if "eval_bpt" in r]
+  print(f"digits tiny: train bits/token {losses[0]:.3f} → {losses[-1]:.3f}, held-out "
+        f"{evals[0]:.3f} → {evals[-1]:.3f} (log2 17 = {np.log2(17):.3f})")
+  assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.3
+  assert evals[-1] < evals[0] - 0.2
+  assert result == {"step": 60, "eval_bpt": pytest.approx(evals[-1])}
+  assert all(np.isfinite(r["grad_norm"]) for r in rows if "grad_norm" in r)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"train.batch_size": 0}, "train.batch_size"),
+    ({"train.num_steps": 0}, "train.num_steps"),
+    ({"model.width": 0}, "model.width"),
+    ({"model.num_layers": -1}, "model.num_layers"),
+    ({"train.learning_rate": -1e-3}, "train.learning_rate"),
+    ({"train.checkpoint_every": 0}, "train.checkpoint_every"),
+    ({"data.seq_len": -4}, "data.seq_len"),
+    ({"train.ema_decay": 1.0}, "ema_decay"),
+])
+def test_non_positive_sizes_fail_before_anything_is_written(tmp_path, override, key):
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")) as info:
+    train.train_teacher(digits_config(**override), str(workdir))
+  assert "\n" not in str(info.value)
+  assert not workdir.exists()
+
+
+def test_out_of_vocabulary_npy_tokens_fail_before_anything_is_written(tmp_path):
+  tokens = np.array([[0, 1, 2], [3, 5, 1]] * 20, np.int32)
+  np.save(tmp_path / "tokens.npy", tokens)
+  config = _helpers.make_config("npy_tokens", **{"data.path": str(tmp_path / "tokens.npy"),
+                                                 "data.vocab_size": 4})
+  with pytest.raises(data_lib.DataError, match=r"outside \[0, vocab_size=4\)"):
+    train.train_teacher(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config_name", ["npy_tokens", "text_file"])
+def test_missing_data_path_fails_before_anything_is_written(tmp_path, config_name):
+  overrides = {"data.path": str(tmp_path / "nope.npy"), "data.vocab_size": 4}
+  if config_name == "text_file":
+    config = _helpers.make_config("shakespeare_char", **{"data.path": str(tmp_path / "nope.txt")})
+    config.data.source = "text_file"
+  else:
+    config = _helpers.make_config("npy_tokens", **overrides)
+  with pytest.raises(data_lib.DataError, match="no file at path"):
+    train.train_teacher(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_of_a_different_run_is_refused_and_left_alone(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_teacher(digits_config(**_helpers.quiet_schedule("train", 2)), workdir)
+  before = {name: (tmp_path / "run" / name).read_text() for name in ("config.json", "run.json",
+                                                                     "metrics.jsonl")}
+  for override, key in [({"model.width": 32}, "model.width"),
+                        ({"kernel.kind": "uniform"}, "kernel.kind"),
+                        ({"data.levels": 8}, "data.levels")]:
+    config = digits_config(**_helpers.quiet_schedule("train", 2), **override)
+    with pytest.raises(workdir_lib.WorkdirError, match=key.replace(".", r"\.")):
+      train.train_teacher(config, workdir)
+  after = {name: (tmp_path / "run" / name).read_text() for name in before}
+  assert after == before
+  assert json.loads(after["config.json"])["model"]["width"] == 64
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  """learning_rate = 1e30: the loss becomes non-finite after a few steps; TrainingError names the
+  loss and the step, nothing is logged or checkpointed for it, and the last checkpoint loads."""
+  workdir = tmp_path / "run"
+  config = digits_config(**_helpers.quiet_schedule("train", 20, checkpoint_every=1),
+                         **{"train.learning_rate": 1e30, "train.warmup_steps": 0})
+  with pytest.raises(train.TrainingError, match=r"loss_bpt became nan at step \d+") as info:
+    train.train_teacher(config, str(workdir))
+  print("teacher NaN:", info.value)
+  # Checked at once: the step before the NaN was checkpointed asynchronously, and that save must
+  # be complete when the error reaches the caller (a CLI process exits right after it).
+  bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] == bad_step - 1
+  assert all(r["step"] < bad_step for r in _helpers.read_metrics(workdir))
+  params = workdir_lib.load_params(str(workdir), "ema_params")
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_unknown_config_key_is_a_one_line_flag_error(tmp_path):
+  """--config.train.bogus=1 must fail in the flag parser (the config is locked), before anything is
+  written, with one line naming the key — not a Python traceback."""
+  workdir = tmp_path / "run"
+  proc = _helpers.run_python([_helpers.EXPERIMENTS / "train_teacher.py",
+                              "--config=configs/digits.py:tiny", "--config.train.bogus=1",
+                              f"--workdir={workdir}"], timeout=300)
+  assert proc.returncode != 0
+  assert not workdir.exists()
+  lines = [line for line in proc.stderr.splitlines()
+           if line.strip() and not line.startswith("Pass --helpshort")]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert len(lines) == 1 and "bogus" in lines[0], proc.stderr[-3000:]
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+  config = digits_config(**_helpers.quiet_schedule("train", 6, checkpoint_every=1),
+                         **{"train.keep_checkpoints": 2})
+  train.train_teacher(config, str(tmp_path))
+  kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert kept == [5, 6]
