@@ -24,7 +24,7 @@ from dmmd_jax import config_lib, synthetic
 SOURCES = {
     "tiny": dict(vocab=8, length=16, examples=4096, seed=0, concentration=0.1),
     "small": dict(vocab=16, length=32, examples=20_000, seed=0, concentration=0.1),
-    "base": dict(vocab=64, length=128, examples=200_000, seed=0, concentration=0.1),
+    "base": dict(vocab=64, length=128, examples=50_000, seed=0, concentration=0.1),
 }
 
 SIZES = {

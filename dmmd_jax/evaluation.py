@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dmmd_jax import config_lib, losses, runs
+from dmmd_jax import config_lib, runs
 from dmmd_jax import data as data_lib
 from dmmd_jax import feature_net as feature_net_lib
 from dmmd_jax import metrics as metrics_lib
@@ -307,31 +307,7 @@ def _mmd2(samples, ctx, memo):
 
 
 def _teacher_nelbo(samples, ctx, memo):
-  if "nelbo" not in ctx.cache:
-    ctx.cache["nelbo"] = negative_elbo_function(ctx.reference)
-  return {"teacher_nelbo": ctx.cache["nelbo"](samples)}
-
-
-def negative_elbo_function(reference):
-  """`tokens → reference.negative_elbo_bits(tokens)` with the ELBO compiled once.
-
-  `runs.Model.negative_elbo_bits` jits a fresh function per call (one compile per row of the
-  table); this computes the same number (same keys, repeats and normalisation) from one jitted
-  loss. Objects that are not `runs.Model`s are used through their own method.
-  """
-  if not isinstance(reference, runs.Model):
-    return reference.negative_elbo_bits
-  setup = reference.setup
-  loss = jax.jit(functools.partial(losses.diffusion_loss, apply_fn=setup.apply_fn,
-                                   kernel=setup.kernel,
-                                   uniform_elbo_steps=setup.config.train.uniform_elbo_steps))
-
-  def bits(tokens, seed: int = 0, repeats: int = 4) -> float:
-    nats = [float(np.mean(loss(jax.random.key(seed + r), reference.params, x=tokens)))
-            for r in range(repeats)]
-    return float(np.mean(nats)) / (setup.seq_len * np.log(2.0))
-
-  return bits
+  return {"teacher_nelbo": ctx.reference.negative_elbo_bits(samples)}
 
 
 def _entropy(samples, ctx, memo):
@@ -531,8 +507,9 @@ def format_table(rows) -> str:
 def write_results(rows, output_dir: str) -> None:
   os.makedirs(output_dir, exist_ok=True)
   flat = [r.flat() for r in rows]
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
-    json.dump(flat, f, indent=2)
+  with open(os.path.join(output_dir, "results.json"), "w") as f:  # NaN → null (strict JSON)
+    json.dump([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+               for r in flat], f, indent=2)
   with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=["model", "kind", "steps", *metric_columns(rows)],
                             restval="")

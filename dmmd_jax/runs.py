@@ -1,6 +1,7 @@
 """Load any workdir written by this project (teacher or student) as a ready-to-sample model."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -23,11 +24,21 @@ class Model:
   def default_steps(self) -> int:
     return self.student_steps or self.setup.config.sample.steps
 
-  def noise_fn(self):
+  @functools.cached_property
+  def _noise(self):
     if self.kind != "student":
       return None
     return distill.student_noise_fn(self.setup, distill.DistillConfig.from_config(
         self.setup.config))
+
+  def noise_fn(self):
+    return self._noise
+
+  @functools.cached_property
+  def _elbo_loss(self):
+    s = self.setup
+    return jax.jit(functools.partial(losses.diffusion_loss, apply_fn=s.apply_fn, kernel=s.kernel,
+                                     uniform_elbo_steps=s.config.train.uniform_elbo_steps))
 
   def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
              **sampler_overrides) -> np.ndarray:
@@ -46,10 +57,8 @@ class Model:
 
   def negative_elbo_bits(self, tokens: np.ndarray, seed: int = 0, repeats: int = 4) -> float:
     """Mean negative ELBO (bits/token) of `tokens` under this model (teacher's ELBO)."""
-    loss = jax.jit(lambda key, x: losses.diffusion_loss(
-        key, self.params, self.setup.apply_fn, self.setup.kernel, x,
-        self.setup.config.train.uniform_elbo_steps))
-    nats = [float(np.mean(loss(jax.random.key(seed + r), tokens))) for r in range(repeats)]
+    nats = [float(np.mean(self._elbo_loss(jax.random.key(seed + r), self.params, x=tokens)))
+            for r in range(repeats)]
     return float(np.mean(nats)) / (self.setup.seq_len * np.log(2.0))
 
 

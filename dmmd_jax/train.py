@@ -48,8 +48,9 @@ class Setup:
   model_cfg: denoiser.DenoiserConfig
   mesh: object
 
-  @property
+  @functools.cached_property
   def apply_fn(self):
+    """One partial per setup: jit caches by identity, a new partial per call would recompile."""
     return functools.partial(denoiser.apply, cfg=self.model_cfg)
 
   @property

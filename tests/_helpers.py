@@ -83,6 +83,26 @@ def quiet_schedule(prefix: str, num_steps: int, log_every: int = 1, checkpoint_e
   return out
 
 
+def quiet_schedule_flags(num_steps: int, checkpoint_every=None, prefix: str = "train") -> list:
+  """`quiet_schedule` as --config.* flags of a binary."""
+  return [f"--config.{k}={v}" for k, v in
+          quiet_schedule(prefix, num_steps, checkpoint_every=checkpoint_every).items()]
+
+
+# The canonical fast run: the digits `tiny` preset, 8 teacher steps and 8 distillation updates
+# (checkpoints every 4). Tests that use exactly these values (plus keys that do not enter the
+# compiled programs: log/eval/checkpoint periods, workdirs) share compiled programs through the
+# persistent compilation cache, in-process and in subprocesses alike.
+FAST = {**quiet_schedule("train", 8, checkpoint_every=4), "train.eval_every": 4,
+        **quiet_schedule("distill", 8, checkpoint_every=4)}
+FAST_FLAGS = [f"--config.{k}={v}" for k, v in FAST.items()]
+
+
+def fast_digits(**overrides):
+  """The digits tiny config with the FAST schedule and `overrides`."""
+  return make_config("digits", "tiny", **{**FAST, **overrides})
+
+
 def copy_task_tokens(path, num_rows: int = 4096, seed: int = 0) -> str:
   """A fair coin copied to the second position: int32 `[num_rows, 2]` saved as .npy."""
   coin = np.random.default_rng(seed).integers(0, 2, size=(num_rows, 1))

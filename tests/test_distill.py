@@ -18,6 +18,7 @@ Part 3 covers resume exactness and the errors of a distillation run.
 import functools
 import itertools
 import math
+import os
 import shutil
 
 import _helpers
@@ -664,32 +665,30 @@ def test_copy_task_zero_noise_init_collapses(copy_data, copy_teachers, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 3: resume exactness and errors, with a 4-step teacher (fast).
+# Part 3: resume exactness and errors, on the canonical fast digits run (_helpers.FAST).
 
 
 @pytest.fixture(scope="module")
-def small_teacher(copy_data, tmp_path_factory):
+def small_teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("small_teacher"))
-  train.train_teacher(small_config(copy_data, **_helpers.quiet_schedule("train", 4)), workdir)
+  train.train_teacher(_helpers.fast_digits(), workdir)
   return workdir
 
 
-def small_config(data_path, **overrides):
-  return _helpers.make_config("npy_tokens", **{"data.path": data_path, "data.vocab_size": 2,
-                                               **overrides})
+def student_config(teacher, **overrides):
+  return _helpers.fast_digits(**{"distill.teacher_workdir": teacher, **overrides})
 
 
 class Interrupted(Exception):
   """Stands for a killed process."""
 
 
-def test_distill_resume_is_exact(copy_data, small_teacher, tmp_path, monkeypatch):
+def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   """8 updates in one go vs. killed right after the step-4 checkpoint and restarted with the same
   call: identical metrics rows (all steps) and identical final student / auxiliary parameters."""
-  overrides = {"distill.teacher_workdir": small_teacher,
-               **_helpers.quiet_schedule("distill", 8, log_every=1, checkpoint_every=4)}
+  overrides = _helpers.quiet_schedule("distill", 8, log_every=1, checkpoint_every=4)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  distill.distill(small_config(copy_data, **overrides), straight)
+  distill.distill(student_config(small_teacher, **overrides), straight)
 
   save = workdir_lib.save_checkpoint
 
@@ -700,10 +699,10 @@ def test_distill_resume_is_exact(copy_data, small_teacher, tmp_path, monkeypatch
 
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
   with pytest.raises(Interrupted):
-    distill.distill(small_config(copy_data, **overrides), resumed)
+    distill.distill(student_config(small_teacher, **overrides), resumed)
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
-  assert distill.distill(small_config(copy_data, **overrides), resumed) == {"step": 8}
+  assert distill.distill(student_config(small_teacher, **overrides), resumed) == {"step": 8}
 
   rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
   rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))
@@ -725,57 +724,52 @@ def test_distill_resume_is_exact(copy_data, small_teacher, tmp_path, monkeypatch
     ("", "teacher_workdir is empty"),
     ("missing", "has no config.json"),
 ])
-def test_distill_refuses_a_missing_teacher(copy_data, tmp_path, teacher_dir, message):
+def test_distill_refuses_a_missing_teacher(tmp_path, teacher_dir, message):
   teacher = str(tmp_path / teacher_dir) if teacher_dir else ""
   workdir = tmp_path / "student"
-  config = small_config(copy_data, **{"distill.teacher_workdir": teacher})
   with pytest.raises(distill.DistillError, match=message):
-    distill.distill(config, str(workdir))
+    distill.distill(student_config(teacher), str(workdir))
   assert not workdir.exists()
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"data.vocab_size": 3}, "data.vocab_size"),
+    ({"data.levels": 8}, "data.levels"),
     ({"kernel.kind": "uniform"}, "kernel.kind"),
     ({"model.width": 32}, "model.width"),
     ({"model.num_layers": 1}, "model.num_layers"),
 ])
-def test_distill_refuses_a_teacher_of_another_architecture(copy_data, small_teacher, tmp_path,
-                                                           override, key):
+def test_distill_refuses_a_teacher_of_another_architecture(small_teacher, tmp_path, override,
+                                                           key):
+  """A different vocabulary (8 grey levels instead of 17), kernel, width or depth: a DistillError
+  naming the key, before the student workdir is created."""
   workdir = tmp_path / "student"
-  config = small_config(copy_data, **{"distill.teacher_workdir": small_teacher, **override})
-  with pytest.raises(distill.DistillError, match=key.replace(".", r"\.")):
-    distill.distill(config, str(workdir))
+  with pytest.raises(distill.DistillError, match=key.replace(".", r"\.")) as info:
+    distill.distill(student_config(small_teacher, **override), str(workdir))
+  assert "\n" not in str(info.value)
   assert not workdir.exists()
 
 
-def test_student_may_choose_its_own_noise_input(copy_data, small_teacher, tmp_path):
-  """The noise input is the student's own: a different noise_dim than the teacher's is allowed."""
-  config = small_config(copy_data, **{
-      "distill.teacher_workdir": small_teacher, "model.noise_dim": 3,
-      **_helpers.quiet_schedule("distill", 2)})
-  assert distill.distill(config, str(tmp_path / "student")) == {"step": 2}
-  student = workdir_lib.load_params(str(tmp_path / "student"), "student")
-  assert student["noise_proj"]["kernel"].shape == (3, 64)
-
-
 @pytest.mark.parametrize("steps", [0, -2])
-def test_distill_refuses_non_positive_student_steps(copy_data, small_teacher, tmp_path, steps):
-  config = small_config(copy_data, **{"distill.teacher_workdir": small_teacher,
-                                      "distill.student_steps": steps})
+def test_distill_refuses_non_positive_student_steps(small_teacher, tmp_path, steps):
+  config = student_config(small_teacher, **{"distill.student_steps": steps})
   with pytest.raises(config_lib.ConfigError, match="distill.student_steps"):
     distill.distill(config, str(tmp_path / "student"))
   assert not (tmp_path / "student").exists()
 
 
 def _biggest_state_file(workdir):
-  files = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file() and "state" in p.parts]
+  """The largest array file of the latest checkpoint (the one a consumer restores)."""
+  latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
+               key=lambda p: int(p.name))
+  files = [p for p in (latest / "state").rglob("*") if p.is_file()]
   return max(files, key=lambda p: p.stat().st_size)
 
 
 @pytest.mark.parametrize("damage", ["delete_data", "garble_data", "delete_metadata",
                                     "no_checkpoints"])
-def test_distill_reports_a_corrupt_teacher_checkpoint(copy_data, small_teacher, tmp_path, damage):
+def test_distill_reports_a_corrupt_teacher_checkpoint(small_teacher, tmp_path, damage):
+  """A teacher checkpoint with a deleted or overwritten data file, no _METADATA, or no checkpoint
+  at all: one-line WorkdirError naming the teacher's checkpoint path."""
   teacher = tmp_path / "teacher"
   shutil.copytree(small_teacher, teacher)
   if damage == "delete_data":
@@ -784,30 +778,81 @@ def test_distill_reports_a_corrupt_teacher_checkpoint(copy_data, small_teacher, 
     path = _biggest_state_file(teacher)
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
   elif damage == "delete_metadata":
-    next((teacher / "checkpoints").glob("*/state/_METADATA")).unlink()
+    for path in (teacher / "checkpoints").glob("*/state/_METADATA"):
+      path.unlink()
   else:
     shutil.rmtree(teacher / "checkpoints")
-  config = small_config(copy_data, **{"distill.teacher_workdir": str(teacher)})
   message = "has no checkpoint" if damage == "no_checkpoints" else "could not be read"
   with pytest.raises(workdir_lib.WorkdirError, match=message) as info:
-    distill.distill(config, str(tmp_path / "student"))
+    distill.distill(student_config(str(teacher)), str(tmp_path / "student"))
   assert str(teacher) in str(info.value)
   assert "\n" not in str(info.value)
 
 
-def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(copy_data, small_teacher,
-                                                                        tmp_path):
-  workdir = tmp_path / "student"
-  config = small_config(copy_data, **{
-      "distill.teacher_workdir": small_teacher, "distill.learning_rate": 1e30,
-      "distill.aux_learning_rate": 1e30, "distill.warmup_steps": 0,
-      **_helpers.quiet_schedule("distill", 20, log_every=1, checkpoint_every=1)})
-  with pytest.raises(train.TrainingError, match=r"(gen|aux)_loss became nan at step \d+") as info:
-    distill.distill(config, str(workdir))
-  bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
-  print("distill NaN:", info.value)
+def _check_nan_stop(workdir, info, loss_names):
+  message = str(info.value)
+  print("distill NaN:", message)
+  name, step = message.split(" became nan at step ")
+  assert name in loss_names
+  bad_step = int(step.split(";")[0])
+  # Checked at once: the checkpoint of the step before was written asynchronously, and it must be
+  # complete when the error reaches the caller (a CLI process exits right after it).
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] == bad_step - 1
+  assert steps and steps[-1] == bad_step - 1, (bad_step, os.listdir(workdir / "checkpoints"))
   params = workdir_lib.load_params(str(workdir), "student")
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
   assert all(r["step"] < bad_step for r in _helpers.read_metrics(workdir))
+  return bad_step
+
+
+def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(small_teacher, tmp_path,
+                                                                        monkeypatch):
+  """An auxiliary loss that turns NaN at update 6 (injected into the compiled update's metrics):
+  TrainingError naming aux_loss and step 6; checkpoint 5 is on disk and loads."""
+  compile_updates = distill.compile_updates
+
+  def poisoned(*args, **kwargs):
+    calls = [0]
+
+    def wrap(update):
+      def run(state, teacher, batch):
+        state, metrics = update(state, teacher, batch)
+        calls[0] += 1
+        if calls[0] == 6:
+          metrics = dict(metrics, aux_loss=jnp.float32(jnp.nan))
+        return state, metrics
+      return run
+
+    return tuple(map(wrap, compile_updates(*args, **kwargs)))
+
+  monkeypatch.setattr(distill, "compile_updates", poisoned)
+  workdir = tmp_path / "student"
+  config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 8, log_every=1,
+                                                                   checkpoint_every=1))
+  with pytest.raises(train.TrainingError, match="aux_loss became nan at step 6") as info:
+    distill.distill(config, str(workdir))
+  assert _check_nan_stop(workdir, info, ["aux_loss"]) == 6
+
+
+@pytest.mark.slow
+def test_distill_diverging_learning_rate_stops_with_a_nan_loss(small_teacher, tmp_path):
+  """learning_rate = 1e30 (a real divergence, not an injected NaN)."""
+  workdir = tmp_path / "student"
+  config = student_config(small_teacher, **{
+      "distill.learning_rate": 1e30, "distill.aux_learning_rate": 1e30,
+      "distill.warmup_steps": 0,
+      **_helpers.quiet_schedule("distill", 20, log_every=1, checkpoint_every=1)})
+  with pytest.raises(train.TrainingError, match=r"(gen|aux)_loss became nan at step \d+") as info:
+    distill.distill(config, str(workdir))
+  _check_nan_stop(workdir, info, ["gen_loss", "aux_loss"])
+
+
+@pytest.mark.slow
+def test_student_may_choose_its_own_noise_input(small_teacher, tmp_path):
+  """The noise input is the student's own: a noise size other than the teacher's is allowed, and
+  its projection starts random (noise_init_scale) while everything else copies the teacher."""
+  config = student_config(small_teacher, **{"model.noise_dim": 3,
+                                            **_helpers.quiet_schedule("distill", 2)})
+  assert distill.distill(config, str(tmp_path / "student")) == {"step": 2}
+  student = workdir_lib.load_params(str(tmp_path / "student"), "student")
+  assert student["noise_proj"]["kernel"].shape == (3, 64)

@@ -232,7 +232,8 @@ def _rows():
   return [evaluation.Row("data (held-out)", "data", 0, {"mmd2": 0.0, "mmd2_se": 0.01}),
           evaluation.Row("teacher", "teacher", 4, {"mmd2": 0.3, "mmd2_se": 0.02}),
           evaluation.Row("teacher", "teacher", 16, {"mmd2": 0.1, "mmd2_se": 0.02}),
-          evaluation.Row("k4", "student", 4, {"mmd2": 0.05, "mmd2_se": 0.01, "gm": 1.5})]
+          evaluation.Row("k4", "student", 4, {"mmd2": 0.05, "mmd2_se": 0.01, "gm": 1.5,
+                                              "exact_nll": float("nan")})]
 
 
 def test_results_files_table_and_plots(tmp_path):
@@ -240,9 +241,10 @@ def test_results_files_table_and_plots(tmp_path):
   evaluation.write_results(rows, str(tmp_path))
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
-  assert list(table[0]) == ["model", "kind", "steps", "mmd2", "mmd2_se", "gm"]
+  assert list(table[0]) == ["model", "kind", "steps", "mmd2", "mmd2_se", "gm", "exact_nll"]
   assert table[3]["gm"] == "1.5" and table[0]["gm"] == ""
-  assert json.load(open(tmp_path / "results.json"))[1] == rows[1].flat()
+  stored = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN → null
+  assert stored[1] == rows[1].flat() and stored[3]["exact_nll"] is None
   text = evaluation.format_table(rows)
   assert "mmd2_se" in text.splitlines()[0] and "nan" in text.splitlines()[2]
   evaluation.plot(rows, str(tmp_path / "all.png"))

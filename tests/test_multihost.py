@@ -139,16 +139,26 @@ def tail(path, n=25) -> str:
   return "\n".join(lines[-n:])
 
 
-def two_processes(args, tmp_path, name, **settings):
-  """Launch processes 0 and 1 of a 2-process run; returns (procs, log paths)."""
+def two_processes(args, tmp_path, name, use_flags=False):
+  """Launch processes 0 and 1 of a 2-process run with 2 CPU devices each.
+
+  The settings go in through the environment, or with use_flags through the absl flags of an
+  experiments/ binary (devices then through --local_device_count instead of XLA_FLAGS).
+  Returns (procs, log paths).
+  """
   port = free_port()
   procs, logs = [], []
   for pid in range(2):
     log = tmp_path / f"{name}_{pid}.log"
-    env = worker_env(2, DMMD_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DMMD_NUM_PROCESSES=2,
-                     DMMD_PROCESS_ID=pid, DMMD_HEARTBEAT_TIMEOUT=HEARTBEAT,
-                     DMMD_DISTRIBUTED_TIMEOUT=120, **settings)
-    procs.append(spawn(args, env, log))
+    settings = dict(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                    heartbeat_timeout=HEARTBEAT, distributed_timeout=120)
+    if use_flags:
+      env = worker_env(1)
+      extra = [f"--{k}={v}" for k, v in settings.items()] + ["--local_device_count=2"]
+    else:
+      env = worker_env(2, **{f"DMMD_{k.upper()}": v for k, v in settings.items()})
+      extra = []
+    procs.append(spawn([*args, *extra], env, log))
     logs.append(log)
   return procs, logs
 
@@ -240,8 +250,9 @@ def test_killed_process_stops_the_other_with_an_error(tmp_path):
           f"--workdir={workdir}", "--config.train.num_steps=100000",
           "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
           "--config.train.eval_every=0", "--config.model.num_layers=1",
-          "--config.model.width=32", "--config.model.cond_dim=16", "--config.mesh.fsdp=2"]
-  procs, logs = two_processes(args, tmp_path, "kill")
+          "--config.model.width=32", "--config.model.cond_dim=16", "--config.mesh.data=2",
+          "--config.mesh.fsdp=2"]  # needs all 4 devices: --local_device_count=2 works
+  procs, logs = two_processes(args, tmp_path, "kill", use_flags=True)
   try:
     deadline = time.monotonic() + 600
     while len(metrics(workdir)) < 2:
@@ -255,6 +266,7 @@ def test_killed_process_stops_the_other_with_an_error(tmp_path):
   finally:
     finish(procs, timeout=1)
   log = logs[0].read_text(errors="replace")
+  print(f"survivor exited {code} {waited:.1f} s after the kill")  # shown with pytest -s
   assert code != 0, tail(logs[0])
   assert waited < HEARTBEAT + 100, f"survivor took {waited:.0f} s to stop"
   assert re.search(r"error: process 0 of 2 stopped: .* another process died|another task died",
