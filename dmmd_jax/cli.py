@@ -5,7 +5,7 @@ import os
 import sys
 
 import jax
-from absl import logging
+from absl import flags, logging
 
 from dmmd_jax import config_lib, distill, distributed, train, workdir
 from dmmd_jax import data as data_lib
@@ -31,6 +31,20 @@ def setup_jax() -> None:
   distributed.initialize()
   logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())
+
+
+def parse_flags(argv):
+  """absl flags parser for app.run that reports a bad flag or config key as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 (flags.Error, or KeyError/ValueError from config_flags)
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    unknown = [a.split("=")[0] for a in argv if a.startswith("--config.")
+               and message.strip("\"'") == a.split("=")[0].split(".")[-1]]
+    if unknown:  # config_flags reports an unknown key as just its quoted name
+      message = f"unknown config key {unknown[0]}; see the config file for the known keys"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(fn, *args, **kwargs):

@@ -106,8 +106,8 @@ def _kl(log_p, log_q):
 
 
 def _rate(s, gap: float):
-  """1 / (s − s') per sequence `[batch, 1]`."""
-  return (1.0 / (s - jnp.maximum(s - gap, 0.0)))[:, None]
+  """1 / (s − s') per sequence `[batch, 1]` (finite at s = 0, where every KL term is 0)."""
+  return (1.0 / jnp.maximum(s - jnp.maximum(s - gap, 0.0), 1e-6))[:, None]
 
 
 def student_draw(key, student_params, x, *, apply_fn, kernel, cfg: DistillConfig, noise_fn):

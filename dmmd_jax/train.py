@@ -217,25 +217,27 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
   bar = tqdm(total=num_steps, initial=start, desc=desc, disable=jax.process_index() != 0,
              dynamic_ncols=True)
   tick = time.perf_counter()
-  for step in range(start + 1, num_steps + 1):
-    batch = sharding.global_batch(next(iterator), mesh)
-    state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    bar.update(1)
-    if step % log_every == 0 or step % checkpoint_every == 0 or step == num_steps:
-      means = _check_and_average(pending, step - len(pending) + 1)
-      rate = tokens_per_step * len(pending) / (time.perf_counter() - tick)
-      pending, tick = [], time.perf_counter()
-      means["tokens_per_s"] = rate
-      for every, hook in periodic:
-        if every and step % every == 0:
-          means.update(hook(state, step))
-      log.write(step, means)
-      bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
-    if step % checkpoint_every == 0 or step == num_steps:
-      workdir_lib.save_checkpoint(manager, step, state, iterator.get_state())
-  bar.close()
-  manager.wait_until_finished()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding.global_batch(next(iterator), mesh)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      bar.update(1)
+      if step % log_every == 0 or step % checkpoint_every == 0 or step == num_steps:
+        means = _check_and_average(pending, step - len(pending) + 1)
+        rate = tokens_per_step * len(pending) / (time.perf_counter() - tick)
+        pending, tick = [], time.perf_counter()
+        means["tokens_per_s"] = rate
+        for every, hook in periodic:
+          if every and step % every == 0:
+            means.update(hook(state, step))
+        log.write(step, means)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
+      if step % checkpoint_every == 0 or step == num_steps:
+        workdir_lib.save_checkpoint(manager, step, state, iterator.get_state())
+  finally:  # an error (e.g. a NaN) must not leave the last checkpoint half-written
+    bar.close()
+    manager.wait_until_finished()
   return state
 
 
