@@ -1,6 +1,5 @@
 """What every absl binary shares: compilation cache, multi-host start-up, one-line errors."""
 
-import logging as logging_lib
 import os
 import sys
 
@@ -22,7 +21,7 @@ def setup_jax() -> None:
   Multi-host settings (coordinator address, process count and id, timeouts) come from flags or
   the environment; see `distributed.py`. Raises distributed.DistributedError (one line).
   """
-  logging_lib.getLogger("absl").setLevel(logging_lib.WARNING)  # orbax logs every file at INFO
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file and jax every backend at INFO
   cache = os.environ.get("DMMD_JAX_COMPILATION_CACHE",
                          os.path.expanduser("~/.cache/dmmd_jax/xla"))
   if cache:

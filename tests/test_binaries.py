@@ -62,11 +62,12 @@ def test_sample_binary(runs_dir, tmp_path, which, steps):
   """int32 [N, 64] tokens in [0, 17) as .npy plus a PNG grid, from a student (its k = 4 steps) or
   a teacher (--steps)."""
   output = tmp_path / "out" / "samples.npy"
-  args = [SAMPLE, f"--workdir={runs_dir / which}", "--num_samples=6", f"--output={output}",
-          "--batch_size=4"]
+  args = [SAMPLE, f"--workdir={runs_dir / which}", "--num_samples=8", f"--output={output}",
+          "--batch_size=4"]  # two batches of 4: one compiled sampler
   proc = ok(_helpers.run_python(args + ([f"--steps={steps}"] if steps else [])))
   tokens = np.load(output)
-  assert tokens.dtype == np.int32 and tokens.shape == (6, 64)
+  assert tokens.dtype == np.int32 and tokens.shape == (8, 64)
+  assert len(np.unique(tokens, axis=0)) > 1  # the two batches use different keys
   assert tokens.min() >= 0 and tokens.max() < 17
   png = output.with_suffix(".png")
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
