@@ -74,6 +74,7 @@ def test_sample_binary(runs_dir, tmp_path, which, steps):
   assert str(png) in proc.stdout
 
 
+@pytest.mark.slow  # resume exactness is tested in-process in test_train.py
 def test_restarting_train_teacher_resumes(tmp_path):
   """A workdir as a kill between the step-4 and step-8 checkpoints leaves it (checkpoint 8
   removed); rerunning the same command resumes from step 4: rows up to 4 are kept byte for byte,
@@ -132,8 +133,11 @@ def test_killed_train_teacher_resumes_with_the_same_command(tmp_path):
   assert "teacher done: step 200" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["batch_size", "num_samples", "sample_workdir", "teacher",
-                                  "levels"])
+# One case runs by default; the rest (a fresh JAX process each) are slow-marked to keep the
+# default suite short (the in-process tests in test_train.py/test_distill.py cover their logic).
+@pytest.mark.parametrize("case", ["batch_size"] + [
+    pytest.param(c, marks=pytest.mark.slow)
+    for c in ("num_samples", "sample_workdir", "teacher", "levels")])
 def test_user_errors_are_one_line(runs_dir, tmp_path, case):
   """A bad flag value: exit code 1 and exactly one `error: …` line on stderr (no traceback, no
   log noise), and nothing written."""
