@@ -149,7 +149,7 @@ class Transformer(nn.Module):
       t = jnp.zeros_like(t)
     cond = timestep_embedding(t, cfg.width)
     cond = _dense(cfg.width, ("cond", "embed"), "time_in", dt)(cond)
-    cond = nn.silu(_dense(cfg.width, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
+    cond = nn.silu(_dense(cfg.cond_dim, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
 
     positions = jnp.arange(tokens.shape[1])
     for i in range(cfg.num_layers):
