@@ -610,9 +610,11 @@ def check_teacher(teacher):
 
 
 # Tuned through config overrides (not the library) so that the masked student converges reliably
-# within the test: with the lead's settings (noise_init_scale = 3, lr 3e-4) the student collapsed
-# to a single value in 3 of 5 runs here (seed- and teacher-dependent); noise_init_scale = 10 with
-# lr 6e-4 reached ≥ 0.95 agreement by ~1000 updates in every run tried.
+# within the test. Measured here (two teachers, several seeds): with noise_init_scale = 3 and
+# lr 3e-4 the student collapsed to a single value in 3 of 4 runs (seed- and teacher-dependent);
+# noise_init_scale = 10 with lr 3e-4 never collapsed (5 runs) but reached only 0.93–0.98
+# agreement after 1500 updates; noise_init_scale = 10 with lr 6e-4 reached 0.96–0.99 after 1500
+# updates in all 3 runs.
 MASKED_STUDENT = {"distill.noise_init_scale": 10.0, "distill.learning_rate": 6e-4}
 MASKED_STEPS = 1500
 
