@@ -7,7 +7,7 @@ values and raises `ConfigError` with one readable line before anything is compil
 
 import ml_collections
 
-from dmmd_jax import denoiser, kernels, sampling, schedules
+from dmmd_jax import data, denoiser, kernels, sampling, schedules, synthetic
 
 PRESETS = ("tiny", "small", "base")
 
@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="shakespeare", tokenizer="char", path="", vocab_size=0, seq_len=128,
       eval_fraction=0.05, tfds_name="", tfds_data_dir="", cache_dir="", levels=0,
-      max_examples=0))
+      max_examples=0, synthetic_seed=0, synthetic_concentration=0.1))
   c.kernel = ml_collections.ConfigDict(dict(kind="masked", schedule="linear"))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, width=256, num_heads=4, mlp_ratio=4, cond_dim=128, dtype="float32",
@@ -41,8 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       aux_learning_rate=1e-4, warmup_steps=50, grad_clip=1.0, aux_updates_per_student=1,
       soft_targets=False, teacher_temperature=1.0, teacher_top_p=1.0, top_p_mode="soft",
       allow_hard_top_p=False, top_p_delta=2.0, samples_per_z=1, posterior_gap=1e-3,
-      use_noise=True, noise_init_scale=1.0, noise_lr_multiplier=1.0, ema_decay=0.99,
-      log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500))
+      use_noise=True, uniform_noise=False, noise_init_scale=1.0, noise_lr_multiplier=1.0,
+      ema_decay=0.99, log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500))
   return c
 
 
@@ -139,6 +139,13 @@ def validate(config) -> None:
       raise ConfigError(f"config.{key} must be non-negative, got {config[section][name]}.")
   if not 0.0 <= config.train.ema_decay < 1.0 or not 0.0 <= config.distill.ema_decay < 1.0:
     raise ConfigError("train.ema_decay and distill.ema_decay must be in [0, 1).")
+  if config.data.source not in data.SOURCES:
+    raise ConfigError(f"data.source must be one of {data.SOURCES}, got {config.data.source!r}.")
+  if config.data.source == "synthetic":
+    try:
+      synthetic.source_from_data_fields(config.data)
+    except synthetic.SyntheticError as e:
+      raise ConfigError(f"data (synthetic source): {e}") from None
   if not 0.0 < config.data.eval_fraction < 1.0:
     raise ConfigError(f"data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}.")
   if not 0.0 < config.distill.teacher_top_p <= 1.0:

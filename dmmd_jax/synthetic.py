@@ -25,7 +25,8 @@ Everything is exact, in float64 on the host:
 A few-step factorised sampler must decide mirrored positions independently; the copy rate shows
 whether a model captures the long-range constraint, with no proxy model in between.
 
-Data files: `write_dataset` stores `[N, L]` int32 samples as an .npy (usable with
+Data: data.source="synthetic" samples the source named by the data config (`load_dataset`);
+`write_dataset` stores `[N, L]` int32 samples as an .npy (usable with
 data.source="npy") and the source description next to it (`<stem>.synthetic.json`), from which
 `source_for_data_config` rebuilds the source for the evaluation metrics.
 """
@@ -274,13 +275,13 @@ def source_for_data_config(data_cfg) -> SyntheticSource | None:
 
 
 def load_dataset(data_cfg):
-  """`data.load_dataset` for data.source="synthetic" (the hook data.py would call).
+  """`data.load_dataset` for data.source="synthetic": samples drawn from the config's source.
 
   Reads vocab_size (V), seq_len (L), max_examples (N sequences; 0 → 10,000), eval_fraction and
   the optional synthetic_seed / synthetic_concentration; returns (train [N − M, L],
   eval [M, L], DataInfo(kind="text")), eval = the last eval_fraction of the rows.
   """
-  from dmmd_jax import data as data_lib  # noqa: PLC0415 (data.py may import this module)
+  from dmmd_jax import data as data_lib  # data.py imports this module
 
   try:
     source = source_from_data_fields(data_cfg)

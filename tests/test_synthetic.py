@@ -111,14 +111,26 @@ def test_dataset_file_round_trip(tmp_path):
   assert synthetic.source_for_data_config(dict(source="digits")) is None
 
 
-def test_load_dataset_hook_for_a_synthetic_source():
+def test_data_source_synthetic_samples_the_configured_source():
   cfg = dict(source="synthetic", vocab_size=5, seq_len=8, max_examples=100, eval_fraction=0.2,
              synthetic_seed=3)
-  train, evals, info = synthetic.load_dataset(cfg)
+  train, evals, info = data_lib.load_dataset(cfg)
   assert train.shape == (80, 8) and evals.shape == (20, 8) and info.vocab_size == 5
   assert synthetic.source_for_data_config(cfg) == synthetic.SyntheticSource(5, 8, seed=3)
   with pytest.raises(data_lib.DataError):
     synthetic.load_dataset(dict(cfg, seq_len=7))
+
+
+def test_config_with_data_source_synthetic_validates_before_loading():
+  config = config_lib.base_config()
+  config.data.update(source="synthetic", vocab_size=6, seq_len=12, synthetic_seed=2)
+  config_lib.validate(config)
+  config.data.seq_len = 11
+  with pytest.raises(config_lib.ConfigError, match="synthetic"):
+    config_lib.validate(config)
+  config.data.source = "mirror"
+  with pytest.raises(config_lib.ConfigError, match="data.source"):
+    config_lib.validate(config)
 
 
 def _config_module():
