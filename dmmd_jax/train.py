@@ -245,7 +245,7 @@ def _check_and_average(pending, first_step: int) -> dict:
   host = jax.device_get(pending)
   for offset, metrics in enumerate(host):
     for name, value in metrics.items():
-      if "loss" in name and not np.isfinite(value):
+      if ("loss" in name or name.endswith("grad_norm")) and not np.isfinite(value):
         raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping. The "
                             "last good checkpoint is kept; lower the learning rate or check the "
                             "data.")

@@ -203,3 +203,13 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
   train.train_teacher(config, str(tmp_path))
   kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
   assert kept == [7, 8]
+
+
+def test_a_non_finite_gradient_norm_stops_training_even_when_the_loss_is_finite():
+  """Hard top-p gives a finite but huge generator loss (≈ 4e29) with an infinite gradient norm;
+  that must stop the run like a NaN loss does."""
+  diverged = [{"gen_loss": 3.9e29, "student_grad_norm": np.inf}]
+  with pytest.raises(train.TrainingError, match="student_grad_norm became inf at step 7"):
+    train._check_and_average(diverged, 7)
+  fine = [{"loss": 1.0, "grad_norm": 2.0}, {"loss": 3.0, "grad_norm": 4.0}]
+  assert train._check_and_average(fine, 0) == {"grad_norm": 3.0, "loss": 2.0}
