@@ -7,7 +7,8 @@ r"""Shakespeare's complete works, character level (84 symbols), masked diffusion
         --config.distill.student_steps=8
 
 Presets: tiny (seconds, tests), small (2 CPU cores, minutes), base (GPU/TPU, ≈170M, 1024 chars).
-Uniform diffusion: --config.kernel.kind=uniform (sets no noise input for students).
+Uniform diffusion: --config.kernel.kind=uniform (students get no noise input, as in the paper,
+unless --config.distill.uniform_noise=True).
 """
 
 from dmmd_jax import config_lib
