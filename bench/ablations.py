@@ -16,7 +16,10 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, distill, evaluation, runs, train, workdir
+from dmmd_jax import cli
+from dmmd_jax.evaluation import compare, registry, report
+from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.training import dmmd_run, loop, teacher_run, trained_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Directory for all runs.")
@@ -48,25 +51,25 @@ def variant_config(config, teacher_dir, overrides):
 def run():
   config = _CONFIG.value
   teacher_dir = os.path.join(_WORKDIR.value, "teacher")
-  train.train_teacher(config, teacher_dir)
-  teacher = runs.load(teacher_dir)
+  teacher_run.train_teacher(config, teacher_dir)
+  teacher = trained_model.load(teacher_dir)
   rows = []
   for name, overrides in VARIANTS.items():
     out = os.path.join(_WORKDIR.value, name.split(" (")[0].replace(" ", "_").replace(".", ""))
     try:
-      distill.distill(variant_config(config, teacher_dir, overrides), out)
+      dmmd_run.distill_student(variant_config(config, teacher_dir, overrides), out)
       status = "trained"
-    except train.TrainingError as e:
+    except loop.TrainingError as e:
       status = f"stopped: {e}"
-    last = workdir.read_metrics(out)[-1] if os.path.exists(f"{out}/metrics.jsonl") else {}
+    last = workdir_lib.read_metrics(out)[-1] if os.path.exists(f"{out}/metrics.jsonl") else {}
     metrics = {"final_gen_loss": last.get("gen_loss", math.nan)}
     if status == "trained":
-      samples = runs.load(out).sample(_NUM.value, seed=0)
-      metrics.update(evaluation.score(samples, teacher.setup.eval_tokens[:_NUM.value], teacher,
+      samples = trained_model.load(out).sample(_NUM.value, seed=0)
+      metrics.update(registry.score(samples, teacher.setup.eval_tokens[:_NUM.value], teacher,
                                       teacher.setup.info.vocab_size))
-    rows.append(evaluation.Row(name, status[:40], _K.value, metrics))
+    rows.append(compare.Row(name, status[:40], _K.value, metrics))
     print(name, status, json.dumps(metrics))
-  print(evaluation.format_table(rows))
+  print(report.format_table(rows))
 
 
 def main(argv):

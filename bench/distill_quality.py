@@ -12,7 +12,8 @@ better than the teacher at the same k (on mmd2 to held-out data and the teacher'
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, evaluation, pipeline
+from dmmd_jax import cli, main_job
+from dmmd_jax.evaluation import report
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench_distill", "Directory for all runs.")
@@ -24,10 +25,10 @@ _NUM = flags.DEFINE_integer("num_samples", 512, "Samples per (model, steps).")
 
 def main(argv):
   del argv
-  rows = cli.run(pipeline.run_main_job, _CONFIG.value, _WORKDIR.value,
+  rows = cli.run(main_job.run_main_job, _CONFIG.value, _WORKDIR.value,
                  [int(k) for k in _STUDENTS.value], [int(k) for k in _TEACHER.value],
                  _NUM.value)
-  print(evaluation.format_table(rows))
+  print(report.format_table(rows))
 
 
 if __name__ == "__main__":

@@ -72,21 +72,24 @@ def load_config(args, attention: str, batch: int):
 
 
 def synthetic_setup(config, vocab: int, length: int, batch: int):
-  """train.build_setup on uniform random tokens (speed does not depend on the data)."""
+  """setup.build_setup on uniform random tokens (speed does not depend on the data)."""
   import numpy as np  # noqa: PLC0415
 
-  from dmmd_jax import config_lib, denoiser, sharding, train  # noqa: PLC0415
-  from dmmd_jax import data as data_lib  # noqa: PLC0415
+  from dmmd_jax import config_lib  # noqa: PLC0415
+  from dmmd_jax.data import types as data_types  # noqa: PLC0415
+  from dmmd_jax.infra import sharding  # noqa: PLC0415
+  from dmmd_jax.models import denoiser  # noqa: PLC0415
+  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
 
   config_lib.validate(config)
-  info = data_lib.DataInfo(kind="text", vocab_size=vocab, seq_len=length)
+  info = data_types.DataInfo(kind="text", vocab_size=vocab, seq_len=length)
   tokens = np.random.default_rng(0).integers(0, vocab, (batch, length), dtype=np.int32)
-  kernel = config_lib.kernel_from_config(config, vocab)
-  model_cfg = config_lib.denoiser_config(config, kernel, length)
+  kernel = setup_lib.forward_process_of(config, vocab)
+  model_cfg = setup_lib.denoiser_config_of(config, kernel, length)
   denoiser.validate_config(model_cfg)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_divisibility(mesh, batch, model_cfg.width)
-  return train.Setup(config, info, tokens, tokens, kernel, model_cfg, mesh)
+  return setup_lib.Setup(config_lib.typed(config), info, tokens, tokens, kernel, model_cfg, mesh)
 
 
 def forward_flops(cfg, batch: int) -> float:
@@ -216,7 +219,8 @@ def train_part(args) -> dict:
 
 
 def teacher_phase(setup, config, result, args):
-  from dmmd_jax import sharding, train  # noqa: PLC0415
+  from dmmd_jax.infra import sharding  # noqa: PLC0415
+  from dmmd_jax.training import teacher_run  # noqa: PLC0415
 
   cfg, batch_size = setup.model_cfg, setup.config.train.batch_size
   fwd = forward_flops(cfg, batch_size)
@@ -225,12 +229,13 @@ def teacher_phase(setup, config, result, args):
                         dtype=cfg.dtype, attention=cfg.attention_impl)
   result["forward_tflop"] = fwd / 1e12
   batch = sharding.global_batch(setup.train_tokens[:batch_size], setup.mesh)
-  optimizer = train.teacher_optimizer(config)
-  state, shardings = train.init_teacher_state(setup, optimizer)
+  optimizer = teacher_run.teacher_optimizer(config)
+  state, shardings = teacher_run.init_teacher_state(setup, optimizer)
   result["params"] = param_count(state.params)
-  with sharding.rules_context(setup.mesh):
+  with sharding.rules_context():
     start = time.perf_counter()
-    step = train.compile_teacher_step(setup, optimizer, shardings).lower(state, batch).compile()
+    step = teacher_run.compile_teacher_step(setup, optimizer, shardings).lower(
+        state, batch).compile()
     report = {"compile_s": time.perf_counter() - start, **compiled_info(step)}
     step_s, state, metrics = timed_steps(lambda s: step(s, batch), state, args.steps,
                                          args.warmup)
@@ -244,7 +249,11 @@ def distill_phase(setup, config, result, teacher_params, args):
 
   import jax  # noqa: PLC0415
 
-  from dmmd_jax import denoiser, distill, sharding, train  # noqa: PLC0415
+  from dmmd_jax.infra import sharding  # noqa: PLC0415
+  from dmmd_jax.models import denoiser  # noqa: PLC0415
+  from dmmd_jax.training import dmmd_run  # noqa: PLC0415
+  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
+  from dmmd_jax.training import state as state_lib  # noqa: PLC0415
 
   cfg, batch_size = setup.model_cfg, setup.config.distill.batch_size
   fwd, tokens, matmul = forward_flops(cfg, batch_size), batch_size * cfg.seq_len, result[
@@ -253,15 +262,15 @@ def distill_phase(setup, config, result, teacher_params, args):
     init = functools.partial(denoiser.init_params, cfg=cfg)
     teacher_params, _ = sharding.init_sharded(init, jax.random.key(0), setup.mesh)
   batch = sharding.global_batch(setup.train_tokens[:batch_size], setup.mesh)
-  dcfg = distill.DistillConfig.from_config(config)
-  student_opt, aux_opt = distill.distill_optimizers(config)
-  dstate = distill.init_distill_state(teacher_params, student_opt, aux_opt, setup.mesh,
+  dcfg = setup_lib.estimator_config_of(config)
+  student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+  dstate = dmmd_run.init_distill_state(teacher_params, student_opt, aux_opt, setup.mesh,
                                       jax.random.key(1), config.distill.noise_init_scale)
-  with sharding.rules_context(setup.mesh):
+  with sharding.rules_context():
     start = time.perf_counter()
-    updates = distill.compile_updates(setup, dcfg, student_opt, aux_opt,
-                                      train.shardings_of(dstate),
-                                      train.shardings_of(teacher_params))
+    updates = dmmd_run.compile_updates(setup, dcfg, student_opt, aux_opt,
+                                       state_lib.shardings_of(dstate),
+                                       state_lib.shardings_of(teacher_params))
     student_update, aux_update = (u.lower(dstate, teacher_params, batch).compile()
                                   for u in updates)
     report = {"compile_s": time.perf_counter() - start, "student_steps": dcfg.student_steps,
@@ -311,7 +320,11 @@ def sample_part(args) -> dict:
 
   import jax  # noqa: PLC0415
 
-  from dmmd_jax import config_lib, denoiser, distill, sampling, sharding  # noqa: PLC0415
+  from dmmd_jax.diffusion import sampling  # noqa: PLC0415
+  from dmmd_jax.infra import sharding  # noqa: PLC0415
+  from dmmd_jax.models import denoiser  # noqa: PLC0415
+  from dmmd_jax.training import dmmd_run  # noqa: PLC0415
+  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
 
   n = args.sample_batch
   result = {"sample_batch": n, "float64": False, "runs": {}}
@@ -322,9 +335,9 @@ def sample_part(args) -> dict:
     for _ in range(2):
       config = load_config(args, attention, args.batch)
       setup = synthetic_setup(config, args.vocab, args.length, args.batch)
-      noise_fn = (distill.student_noise_fn(setup, distill.DistillConfig.from_config(config))
+      noise_fn = (dmmd_run.student_noise_fn(setup, setup_lib.estimator_config_of(config))
                   if student else None)
-      sampler_cfg = config_lib.sampler_config(config, steps, float64=False)
+      sampler_cfg = setup_lib.sampler_config_of(config, steps, float64=False)
       result["top_p"] = sampler_cfg.top_p
 
       def draw(key, p, setup=setup, sampler_cfg=sampler_cfg, noise_fn=noise_fn):

@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 
-from dmmd_jax import metrics
-from dmmd_jax import reference_lm as rl
+from dmmd_jax.evaluation import metrics as metrics_lib
+from dmmd_jax.models import reference_lm
 
 
 def main():
@@ -29,20 +29,20 @@ def main():
   parser.add_argument("--num_pairs", type=int, default=16)
   args = parser.parse_args()
 
-  config = rl.ReferenceLMConfig(args.vocab_size, args.seq_len, num_layers=args.num_layers,
+  config = reference_lm.ReferenceLMConfig(args.vocab_size, args.seq_len, num_layers=args.num_layers,
                                 width=args.width, num_heads=args.num_heads)
-  params = rl.init_params(jax.random.PRNGKey(0), config)
+  params = reference_lm.init_params(jax.random.PRNGKey(0), config)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   rng = np.random.default_rng(0)
   model = rng.integers(0, args.vocab_size, (args.num_samples, args.seq_len), dtype=np.int32)
   data = rng.integers(0, args.vocab_size, (args.num_samples, args.seq_len), dtype=np.int32)
-  loglik = functools.partial(rl.sequence_log_likelihood, config=config)
+  loglik = functools.partial(reference_lm.sequence_log_likelihood, config=config)
   print(f"{jax.devices()[0].platform}: {num_params:,} parameters, {args.num_samples} model + "
         f"{args.num_samples} data sequences of {args.seq_len} tokens, "
         f"micro_batch={args.micro_batch}, num_pairs={args.num_pairs}")
   for label in ("first call (with compilation)", "second call"):
     start, start_cpu = time.perf_counter(), time.process_time()
-    result = metrics.gradient_moment(loglik, params, model, data, jax.random.PRNGKey(1),
+    result = metrics_lib.gradient_moment(loglik, params, model, data, jax.random.PRNGKey(1),
                                      args.num_pairs, args.micro_batch)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     print(f"{label}: {elapsed:.1f} s wall, {cpu:.1f} s CPU   "

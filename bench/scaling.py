@@ -39,7 +39,10 @@ def child(args) -> dict:
 
   import jax  # noqa: PLC0415
 
-  from dmmd_jax import distill, sharding, train  # noqa: PLC0415
+  from dmmd_jax.infra import sharding  # noqa: PLC0415
+  from dmmd_jax.training import dmmd_run, teacher_run  # noqa: PLC0415
+  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
+  from dmmd_jax.training import state as state_lib  # noqa: PLC0415
 
   spec = importlib.util.spec_from_file_location("scaling_config", REPO / args.config)
   module = importlib.util.module_from_spec(spec)
@@ -52,26 +55,27 @@ def child(args) -> dict:
     config.mesh[axis] = jax.device_count() if axis == args.mesh else 1
   config.lock()
   batch_size = config.train.batch_size
-  setup = train.build_setup(config, batch_size)
+  setup = setup_lib.build_setup(config, batch_size)
   tokens = batch_size * setup.seq_len
   batch = sharding.global_batch(setup.train_tokens[:batch_size], setup.mesh)
   result = {"preset": args.preset, "devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
             "batch": batch_size, "length": setup.seq_len, "layers": config.model.num_layers,
             "width": config.model.width}
 
-  optimizer = train.teacher_optimizer(config)
-  state, shardings = train.init_teacher_state(setup, optimizer)
-  with sharding.rules_context(setup.mesh):
-    step = train.compile_teacher_step(setup, optimizer, shardings)
+  optimizer = teacher_run.teacher_optimizer(config)
+  state, shardings = teacher_run.init_teacher_state(setup, optimizer)
+  with sharding.rules_context():
+    step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
     seconds, state = timed(lambda s: step(s, batch), state, args.steps)
     result["teacher_ms"], result["teacher_tokens_per_s"] = 1e3 * seconds, tokens / seconds
     teacher = state.ema_params
-    cfg = distill.DistillConfig.from_config(config)
-    student_opt, aux_opt = distill.distill_optimizers(config)
-    dstate = distill.init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
+    cfg = setup_lib.estimator_config_of(config)
+    student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+    dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
                                         jax.random.key(1), config.distill.noise_init_scale)
-    student_update, aux_update = distill.compile_updates(
-        setup, cfg, student_opt, aux_opt, train.shardings_of(dstate), train.shardings_of(teacher))
+    student_update, aux_update = dmmd_run.compile_updates(
+        setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
+        state_lib.shardings_of(teacher))
     per_update = []
     for update in (student_update, aux_update):
       seconds, dstate = timed(lambda s, u=update: u(s, teacher, batch), dstate, args.steps)

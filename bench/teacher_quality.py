@@ -15,7 +15,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, runs, train
+from dmmd_jax import cli
+from dmmd_jax.data import render
+from dmmd_jax.training import teacher_run, trained_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:small", "")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench_teacher", "Teacher workdir.")
@@ -32,9 +34,9 @@ def unigram_bits(tokens: np.ndarray, vocab_size: int) -> float:
 
 def run():
   config = _CONFIG.value
-  train.train_teacher(config, _WORKDIR.value)
-  model = runs.load(_WORKDIR.value)
-  bits = train.heldout_bits_per_token(model.setup, model.params, config.train.batch_size,
+  teacher_run.train_teacher(config, _WORKDIR.value)
+  model = trained_model.load(_WORKDIR.value)
+  bits = teacher_run.heldout_bits_per_token(model.setup, model.params, config.train.batch_size,
                                       _EVAL_BATCHES.value)
   print(f"held-out negative ELBO: {bits:.4f} bits/token "
         f"(unigram entropy of the data: "
@@ -43,10 +45,10 @@ def run():
   os.makedirs(out, exist_ok=True)
   for steps in [int(s) for s in _STEPS.value]:
     samples = model.sample(_NUM.value, steps, seed=0)
-    path = train.dump_samples(model.setup, samples, os.path.join(out, f"steps_{steps}"))
+    path = render.dump_samples(model.setup.info, samples, os.path.join(out, f"steps_{steps}"))
     print(f"samples at {steps} steps → {path}")
     if model.setup.info.kind == "text":
-      print(train.data_lib.decode_text(model.setup.info, samples[:1])[0][:300])
+      print(teacher_run.data_lib.decode_text(model.setup.info, samples[:1])[0][:300])
 
 
 def main(argv):

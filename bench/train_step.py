@@ -17,7 +17,12 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import distill, losses, sampling, sharding, train
+from dmmd_jax.diffusion import elbo, sampling
+from dmmd_jax.distill import dmmd
+from dmmd_jax.infra import sharding
+from dmmd_jax.training import dmmd_run, teacher_run
+from dmmd_jax.training import setup as setup_lib
+from dmmd_jax.training import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py:small", "")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after 2 warm-up).")
@@ -45,7 +50,7 @@ def bare_step_fn(setup):
   def step(carry, batch):
     params, opt_state, key = carry
     key, sub = jax.random.split(key)
-    loss_fn = lambda p: jnp.mean(losses.diffusion_loss(
+    loss_fn = lambda p: jnp.mean(elbo.diffusion_loss(
         sub, p, setup.apply_fn, setup.kernel, batch, setup.config.train.uniform_elbo_steps))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(grads, opt_state)
@@ -57,16 +62,16 @@ def bare_step_fn(setup):
 def main(argv):
   del argv
   config = _CONFIG.value
-  setup = train.build_setup(config, config.train.batch_size)
+  setup = setup_lib.build_setup(config, config.train.batch_size)
   batch_size, length = config.train.batch_size, setup.seq_len
   tokens = batch_size * length
   batch = sharding.global_batch(setup.train_tokens[:batch_size], setup.mesh)
   print(f"devices: {jax.devices()}  preset={config.preset} batch={batch_size} length={length}")
 
-  optimizer = train.teacher_optimizer(config)
-  state, shardings = train.init_teacher_state(setup, optimizer)
-  with sharding.rules_context(setup.mesh):
-    step = train.compile_teacher_step(setup, optimizer, shardings)
+  optimizer = teacher_run.teacher_optimizer(config)
+  state, shardings = teacher_run.init_teacher_state(setup, optimizer)
+  with sharding.rules_context():
+    step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
     lib_s, state = timed(step, state, batch, _STEPS.value)
     bare, opt = bare_step_fn(setup)
     carry = (jax.tree.map(jnp.copy, state.params), opt.init(state.params), jax.random.key(0))
@@ -75,14 +80,14 @@ def main(argv):
     print(f"bare-JAX step  {bare_s * 1e3:8.1f} ms  {tokens / bare_s:10.0f} tokens/s")
     print(f"library / bare throughput ratio: {bare_s / lib_s:.3f} (goal >= 0.9)")
 
-    cfg = distill.DistillConfig.from_config(config)
-    student_opt, aux_opt = distill.distill_optimizers(config)
-    dstate = distill.init_distill_state(state.ema_params, student_opt, aux_opt, setup.mesh,
+    cfg = dmmd.DistillConfig.from_config(config)
+    student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+    dstate = dmmd_run.init_distill_state(state.ema_params, student_opt, aux_opt, setup.mesh,
                                         jax.random.key(1), config.distill.noise_init_scale)
     teacher = state.ema_params
-    student_update, aux_update = distill.compile_updates(
-        setup, cfg, student_opt, aux_opt, train.shardings_of(dstate),
-        train.shardings_of(teacher))
+    student_update, aux_update = dmmd_run.compile_updates(
+        setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
+        state_lib.shardings_of(teacher))
     student_s, dstate = timed(lambda s, b: student_update(s, teacher, b), dstate, batch,
                               _STEPS.value)
     aux_s, dstate = timed(lambda s, b: aux_update(s, teacher, b), dstate, batch, _STEPS.value)
@@ -91,7 +96,7 @@ def main(argv):
 
     n = batch_size
     sampler = functools.partial(sampling.sample, jax.random.key(0), setup.apply_fn)
-    noise_fn = distill.student_noise_fn(setup, cfg)
+    noise_fn = dmmd_run.student_noise_fn(setup, cfg)
     times = {}
     for name, steps, params, nf in (("teacher", _T.value, teacher, None),
                                     ("student", _K.value, dstate.student, noise_fn)):

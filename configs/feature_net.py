@@ -11,8 +11,6 @@ images (same source and quantisation) as the models it will score. Fashion-MNIST
 the Debian package dataset-fashion-mnist.
 """
 
-import ml_collections
-
 from dmmd_jax import config_lib
 
 SIZES = {
@@ -24,21 +22,11 @@ SIZES = {
 
 
 def get_config(preset: str = "small"):
-  preset = preset or "small"
-  if preset not in SIZES:
-    raise config_lib.ConfigError(f"Unknown preset {preset!r}; choose one of {tuple(SIZES)}.")
+  preset = config_lib.check_preset(preset, tuple(SIZES))
   size = SIZES[preset]
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.data = config_lib.base_config().data
-  config.data.source = "digits"
-  config.data.eval_fraction = 0.1
-  config.data_from = ""
-  config.model = ml_collections.ConfigDict(dict(channels=size["channels"],
-                                                feature_dim=size["feature_dim"]))
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=size["num_steps"], batch_size=size["batch_size"],
-      learning_rate=size["learning_rate"], weight_decay=1e-4))
-  config.preset = preset
-  config.lock()
-  return config
+  config = config_lib.base_config(config_lib.FeatureNetRunConfig)
+  config.model.channels = size["channels"]
+  config.model.feature_dim = size["feature_dim"]
+  for key in ("num_steps", "batch_size", "learning_rate"):
+    config.train[key] = size[key]
+  return config_lib.finish(config, preset)

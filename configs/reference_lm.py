@@ -12,8 +12,6 @@ another source, and --config.data_from=WORKDIR copies the data section of a teac
 workdir (recommended: nothing can drift).
 """
 
-import ml_collections
-
 from dmmd_jax import config_lib
 
 SIZES = {
@@ -29,18 +27,10 @@ SIZES = {
 def get_config(preset: str = "small"):
   preset = config_lib.check_preset(preset)
   size = SIZES[preset]
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.data = config_lib.base_config().data
+  config = config_lib.base_config(config_lib.ReferenceLMRunConfig)
   config.data.seq_len = size["seq_len"]
-  config.data_from = ""
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=size["num_layers"], width=size["width"], num_heads=size["num_heads"],
-      mlp_ratio=4, positions="learned", tie_embeddings=True))
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=size["num_steps"], batch_size=size["batch_size"],
-      learning_rate=size["learning_rate"], weight_decay=0.01, log_every=size["log_every"],
-      eval_examples=512))
-  config.preset = preset
-  config.lock()
-  return config
+  for key in ("num_layers", "width", "num_heads"):
+    config.model[key] = size[key]
+  for key in ("num_steps", "batch_size", "learning_rate", "log_every"):
+    config.train[key] = size[key]
+  return config_lib.finish(config, preset)

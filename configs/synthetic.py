@@ -19,7 +19,8 @@ through the preset string, not through --config.data.* flags.
 import os
 import pathlib
 
-from dmmd_jax import config_lib, synthetic
+from dmmd_jax import config_lib
+from dmmd_jax.data import synthetic
 
 SOURCES = {
     "tiny": dict(vocab=8, length=16, examples=4096, seed=0, concentration=0.1),

@@ -1,49 +1,296 @@
-"""Shared config defaults, presets and validation for every experiment file in `configs/`.
+"""Typed, frozen experiment configs: defaults, presets, conversion and validation. Imports no jax.
 
-An experiment file calls `base_config()`, fills in `data` and per-preset sizes, and returns it
-locked, so `--config.unknown_key=…` fails in the flag parser. `validate(config)` then checks
-values and raises `ConfigError` with one readable line before anything is compiled or written.
+A config file in `configs/` calls `base_config()` (an `ml_collections.ConfigDict` built from the
+dataclass defaults below, locked, so `--config.unknown_key=…` fails in the flag parser), fills in
+data and per-preset sizes, and returns it. The library takes the typed form: `typed(config)` turns
+a ConfigDict (or a dict, e.g. a stored `config.json`) into an `ExperimentConfig` of frozen
+dataclasses once, at the boundary (binaries, `dmmd_jax.train_teacher`, …); nothing below it reads a
+ConfigDict. `validate(config)` checks values and raises `ConfigError` with one readable line
+before anything is compiled or written.
+
+A new config key is one field with its default in one dataclass here (plus a check in `validate`
+if a value can be wrong).
 """
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import typing
+from collections.abc import Mapping
 
 import ml_collections
 
-from dmmd_jax import data, denoiser, kernels, sampling, schedules, synthetic
-
 PRESETS = ("tiny", "small", "base")
+DATA_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic", "fashion_mnist",
+                "digits", "tfds_image")
+KERNEL_KINDS = ("masked", "uniform")
+SCHEDULES = ("linear", "cosine")
+TIME_GRIDS = ("uniform", "cosine")
+TOP_P_MODES = ("hard", "soft")
+NOISE_KINDS = ("none", "projection", "pyramid")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+POSITIONS = ("learned", "rotary")
 
 
 class ConfigError(ValueError):
   """A config value that cannot work."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
-      source="shakespeare", tokenizer="char", path="", vocab_size=0, seq_len=128,
-      eval_fraction=0.05, tfds_name="", tfds_data_dir="", cache_dir="", levels=0,
-      max_examples=0, synthetic_seed=0, synthetic_concentration=0.1))
-  c.kernel = ml_collections.ConfigDict(dict(kind="masked", schedule="linear"))
-  c.model = ml_collections.ConfigDict(dict(
-      num_layers=4, width=256, num_heads=4, mlp_ratio=4, cond_dim=128, dtype="float32",
-      time_conditioning=True, noise_kind="projection", noise_dim=32, pyramid_levels=3,
-      attention_impl="xla"))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=32, num_steps=1000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01,
-      grad_clip=1.0, b1=0.9, b2=0.99, ema_decay=0.999, log_every=50, eval_every=500,
-      eval_batches=8, checkpoint_every=500, keep_checkpoints=2, sample_every=0,
-      num_samples=16, uniform_elbo_steps=1000))
-  c.sample = ml_collections.ConfigDict(dict(
-      steps=128, grid="uniform", temperature=1.0, top_p=1.0, float64=True, cache=False))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.distill = ml_collections.ConfigDict(dict(
-      teacher_workdir="", student_steps=8, num_steps=1000, batch_size=32, learning_rate=1e-4,
-      aux_learning_rate=1e-4, warmup_steps=50, grad_clip=1.0, aux_updates_per_student=1,
-      soft_targets=False, teacher_temperature=1.0, teacher_top_p=1.0, top_p_mode="soft",
-      allow_hard_top_p=False, top_p_delta=2.0, samples_per_z=1, posterior_gap=1e-3,
-      use_noise=True, uniform_noise=False, noise_init_scale=1.0, noise_lr_multiplier=1.0,
-      ema_decay=0.99, log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500))
-  return c
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which tokens to read (`data.sources.load_dataset` documents every field)."""
+
+  source: str = "shakespeare"
+  tokenizer: str = "char"
+  path: str = ""
+  vocab_size: int = 0
+  seq_len: int = 128
+  eval_fraction: float = 0.05
+  tfds_name: str = ""
+  tfds_data_dir: str = ""
+  cache_dir: str = ""
+  levels: int = 0
+  max_examples: int = 0
+  synthetic_seed: int = 0
+  synthetic_concentration: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """The forward process: `kind` ∈ KERNEL_KINDS with noise `schedule` ∈ SCHEDULES."""
+
+  kind: str = "masked"
+  schedule: str = "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The denoiser's sizes and options (`models.denoiser.DenoiserConfig`)."""
+
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  cond_dim: int = 128
+  dtype: str = "float32"
+  time_conditioning: bool = True
+  noise_kind: str = "projection"
+  noise_dim: int = 32
+  pyramid_levels: int = 3
+  attention_impl: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Teacher training (AdamW, warm-up + cosine, clipping, EMA) and its logging cadence."""
+
+  batch_size: int = 32
+  num_steps: int = 1000
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.99
+  ema_decay: float = 0.999
+  log_every: int = 50
+  eval_every: int = 500
+  eval_batches: int = 8
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  sample_every: int = 0
+  num_samples: int = 16
+  uniform_elbo_steps: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """The ancestral sampler (`diffusion.sampling.SamplerConfig`)."""
+
+  steps: int = 128
+  grid: str = "uniform"
+  temperature: float = 1.0
+  top_p: float = 1.0
+  float64: bool = True
+  cache: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; -1 = the remaining devices (`infra.sharding.make_mesh`)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """D-MMD distillation (and the SDTT baseline's shared keys): losses, optimizers, cadence."""
+
+  teacher_workdir: str = ""
+  student_steps: int = 8
+  num_steps: int = 1000
+  batch_size: int = 32
+  learning_rate: float = 1e-4
+  aux_learning_rate: float = 1e-4
+  warmup_steps: int = 50
+  grad_clip: float = 1.0
+  aux_updates_per_student: int = 1
+  soft_targets: bool = False
+  teacher_temperature: float = 1.0
+  teacher_top_p: float = 1.0
+  top_p_mode: str = "soft"
+  allow_hard_top_p: bool = False
+  top_p_delta: float = 2.0
+  samples_per_z: int = 1
+  posterior_gap: float = 1e-3
+  use_noise: bool = True
+  uniform_noise: bool = False
+  noise_init_scale: float = 1.0
+  noise_lr_multiplier: float = 1.0
+  ema_decay: float = 0.99
+  log_every: int = 50
+  eval_every: int = 200
+  eval_samples: int = 64
+  checkpoint_every: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a teacher, student or SDTT run reads; stored as the workdir's config.json."""
+
+  seed: int = 0
+  data: DataConfig = DataConfig()
+  kernel: KernelConfig = KernelConfig()
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  sample: SampleConfig = SampleConfig()
+  mesh: MeshConfig = MeshConfig()
+  distill: DistillConfig = DistillConfig()
+  preset: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceModelConfig:
+  num_layers: int = 2
+  width: int = 128
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  positions: str = "learned"
+  tie_embeddings: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceTrainConfig:
+  num_steps: int = 2000
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.01
+  log_every: int = 200
+  eval_examples: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceLMRunConfig:
+  """The reference autoregressive LM's run (configs/reference_lm.py)."""
+
+  seed: int = 0
+  data: DataConfig = DataConfig()
+  data_from: str = ""
+  model: ReferenceModelConfig = ReferenceModelConfig()
+  train: ReferenceTrainConfig = ReferenceTrainConfig()
+  preset: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureModelConfig:
+  channels: tuple = (32, 64, 64)
+  feature_dim: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTrainConfig:
+  num_steps: int = 2000
+  batch_size: int = 128
+  learning_rate: float = 2e-3
+  weight_decay: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetRunConfig:
+  """The image feature network's run (configs/feature_net.py)."""
+
+  seed: int = 0
+  data: DataConfig = DataConfig(source="digits", eval_fraction=0.1)
+  data_from: str = ""
+  model: FeatureModelConfig = FeatureModelConfig()
+  train: FeatureTrainConfig = FeatureTrainConfig()
+  preset: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# ConfigDict ↔ dataclasses.
+
+
+def to_dict(config) -> dict:
+  """A typed config as nested plain dicts (JSON-ready)."""
+  return dataclasses.asdict(config)
+
+
+def to_configdict(config) -> ml_collections.ConfigDict:
+  """The locked ConfigDict of a typed config (what config files and flags work on)."""
+  return ml_collections.ConfigDict(to_dict(config))
+
+
+def _convert(cls, values: Mapping, where: str, strict: bool):
+  hints = typing.get_type_hints(cls)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown and strict:
+    raise ConfigError(f"unknown config key {where}{unknown[0]}.")
+  kwargs = {}
+  for name in known & set(values):
+    value, hint = values[name], hints[name]
+    if dataclasses.is_dataclass(hint):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"config.{where}{name} must be a section, got {value!r}.")
+      value = _convert(hint, value, f"{where}{name}.", strict)
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def typed(config, cls=ExperimentConfig, strict: bool = True):
+  """`cls` from a ConfigDict or mapping (missing keys take defaults); a `cls` passes through.
+
+  strict=False ignores unknown keys (configs stored by an older version of the project).
+  """
+  if isinstance(config, cls):
+    return config
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ConfigError(f"expected a config, got {type(config).__name__}.")
+  return _convert(cls, config, "", strict)
+
+
+def replace(config, **sections):
+  """A copy of a typed config with fields of its sections replaced: replace(c, distill={…})."""
+  changes = {}
+  for name, value in sections.items():
+    current = getattr(config, name)
+    changes[name] = (dataclasses.replace(current, **value) if isinstance(value, Mapping)
+                     else value)
+  return dataclasses.replace(config, **changes)
+
+
+def base_config(cls=ExperimentConfig) -> ml_collections.ConfigDict:
+  """The defaults of `cls` as an (unlocked) ConfigDict for a config file to fill in."""
+  return to_configdict(cls())
 
 
 # The `tiny` preset's loop settings, shared by every config: a few steps of everything.
@@ -65,11 +312,38 @@ def finish(config: ml_collections.ConfigDict, preset: str) -> ml_collections.Con
   return config
 
 
-def check_preset(preset: str) -> str:
+def check_preset(preset: str, presets=PRESETS) -> str:
   preset = preset or "small"
-  if preset not in PRESETS:
-    raise ConfigError(f"Unknown preset {preset!r}; choose one of {PRESETS}.")
+  if preset not in presets:
+    raise ConfigError(f"Unknown preset {preset!r}; choose one of {tuple(presets)}.")
   return preset
+
+
+def load_file(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of a config file "path/to/config.py[:preset]", with {"section.key": value} set.
+
+  What `--config=path:preset --config.section.key=value` gives a binary; for notebooks and
+  scripts. Raises ConfigError for a missing file or an unknown key.
+  """
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(
+      f"dmmd_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset) if preset else module.get_config()
+  for dotted, value in (overrides or {}).items():
+    *sections, key = dotted.split(".")
+    node = config
+    for section in sections:
+      node = node[section] if section in node else None
+      if node is None:
+        raise ConfigError(f"config.{dotted} is not a known key.")
+    if key not in node:
+      raise ConfigError(f"config.{dotted} is not a known key.")
+    node[key] = value
+  return config
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
@@ -81,89 +355,76 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     config[section][key] = value
 
 
-def kernel_from_config(config, vocab_size: int) -> kernels.Kernel:
-  return kernels.Kernel(config.kernel.kind, vocab_size, config.kernel.schedule)
+# ---------------------------------------------------------------------------------------------
+# Validation.
 
 
-def denoiser_config(config, kernel: kernels.Kernel, seq_len: int,
-                    image_shape=()) -> denoiser.DenoiserConfig:
-  m = config.model
-  noise_kind = m.noise_kind
-  return denoiser.DenoiserConfig(
-      vocab_size=kernel.vocab_size, input_vocab_size=kernel.input_vocab_size, seq_len=seq_len,
-      num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-      cond_dim=m.cond_dim, dtype=m.dtype, time_conditioning=m.time_conditioning,
-      mask_id=kernel.mask_id if kernel.is_masked else -1, noise_kind=noise_kind,
-      noise_dim=m.noise_dim if noise_kind != "none" else 0, image_shape=tuple(image_shape or ()),
-      pyramid_levels=m.pyramid_levels, attention_impl=m.attention_impl)
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
 
 
-def sampler_config(config, steps: int | None = None, **overrides) -> sampling.SamplerConfig:
-  s = config.sample
-  options = dict(steps=steps or s.steps, grid=s.grid, temperature=s.temperature, top_p=s.top_p,
-                 float64=s.float64, cache=s.cache)
-  options.update({k: v for k, v in overrides.items() if v is not None})
-  return sampling.SamplerConfig(**options)
-
-
-def _positive(config, keys):
-  for key in keys:
+def _check_signs(config, positive=(), non_negative=()) -> None:
+  for key in positive + non_negative:
     section, name = key.split(".")
-    value = config[section][name]
-    if value <= 0:
-      raise ConfigError(f"config.{key} must be positive, got {value}.")
+    value = getattr(getattr(config, section), name)
+    if key in positive:
+      _check(value > 0, f"config.{key} must be positive, got {value}.")
+    else:
+      _check(value >= 0, f"config.{key} must be non-negative, got {value}.")
+
+
+def _check_choice(value, choices, key: str) -> None:
+  _check(value in choices, f"config.{key} must be one of {choices}, got {value!r}.")
+
+
+def validate_data(data: DataConfig) -> None:
+  _check_choice(data.source, DATA_SOURCES, "data.source")
+  _check_choice(data.tokenizer, ("char", "gpt2"), "data.tokenizer")
+  _check(0.0 <= data.eval_fraction < 1.0,
+         f"config.data.eval_fraction must be in [0, 1), got {data.eval_fraction}.")
+  for name in ("seq_len", "levels", "max_examples", "vocab_size"):
+    value = getattr(data, name)
+    _check(value >= 0, f"config.data.{name} must be non-negative, got {value}.")
 
 
 def validate(config) -> None:
   """Check every value that can be checked without data; raise ConfigError (one line)."""
-  try:
-    kernels.Kernel(config.kernel.kind, 2, config.kernel.schedule)
-    sampler_config(config).validate()
-    schedules.time_grid(1, config.sample.grid)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  _positive(config, [
+  config = typed(config)
+  validate_data(config.data)
+  _check(config.data.eval_fraction > 0.0,
+         "config.data.eval_fraction must be positive: runs evaluate on held-out data.")
+  _check_choice(config.kernel.kind, KERNEL_KINDS, "kernel.kind")
+  _check_choice(config.kernel.schedule, SCHEDULES, "kernel.schedule")
+  _check_choice(config.sample.grid, TIME_GRIDS, "sample.grid")
+  _check_choice(config.model.noise_kind, NOISE_KINDS, "model.noise_kind")
+  _check_choice(config.model.dtype, DTYPES, "model.dtype")
+  _check_choice(config.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+  _check_choice(config.distill.top_p_mode, TOP_P_MODES, "distill.top_p_mode")
+  _check_signs(config, positive=(
       "model.num_layers", "model.width", "model.num_heads", "model.mlp_ratio", "model.cond_dim",
       "train.batch_size", "train.num_steps", "train.learning_rate", "train.log_every",
       "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-      "train.uniform_elbo_steps", "distill.student_steps", "distill.num_steps",
-      "distill.batch_size", "distill.learning_rate", "distill.aux_learning_rate",
-      "distill.samples_per_z", "distill.aux_updates_per_student", "distill.posterior_gap",
-      "distill.log_every", "distill.checkpoint_every", "distill.teacher_temperature",
-      "distill.noise_lr_multiplier"])
-  for key in ("train.warmup_steps", "train.eval_every", "train.sample_every",
-              "distill.warmup_steps", "distill.eval_every", "distill.noise_init_scale",
-              "data.seq_len", "data.levels", "data.max_examples", "data.vocab_size"):
-    section, name = key.split(".")
-    if config[section][name] < 0:
-      raise ConfigError(f"config.{key} must be non-negative, got {config[section][name]}.")
-  if not 0.0 <= config.train.ema_decay < 1.0 or not 0.0 <= config.distill.ema_decay < 1.0:
-    raise ConfigError("train.ema_decay and distill.ema_decay must be in [0, 1).")
-  if config.data.source not in data.SOURCES:
-    raise ConfigError(f"data.source must be one of {data.SOURCES}, got {config.data.source!r}.")
-  if config.data.source == "synthetic":
-    try:
-      synthetic.source_from_data_fields(config.data)
-    except synthetic.SyntheticError as e:
-      raise ConfigError(f"data (synthetic source): {e}") from None
-  if not 0.0 < config.data.eval_fraction < 1.0:
-    raise ConfigError(f"data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}.")
-  if not 0.0 < config.distill.teacher_top_p <= 1.0:
-    raise ConfigError(f"distill.teacher_top_p must be in (0, 1], got "
-                      f"{config.distill.teacher_top_p}.")
-  if config.distill.top_p_mode not in sampling.TOP_P_MODES:
-    raise ConfigError(f"distill.top_p_mode must be one of {sampling.TOP_P_MODES}.")
-  if config.distill.top_p_mode == "hard" and not config.distill.allow_hard_top_p:
-    raise ConfigError("distill.top_p_mode='hard' makes the student loss diverge (the paper's "
-                      "ablation); set --config.distill.allow_hard_top_p=True to run it anyway.")
-  if config.distill.soft_targets and config.kernel.kind != "masked":
-    raise ConfigError("distill.soft_targets is defined for the masked kernel only.")
-  if config.distill.posterior_gap >= 1.0:
-    raise ConfigError("distill.posterior_gap must be in (0, 1).")
-  if config.model.noise_kind not in denoiser.NOISE_KINDS:
-    raise ConfigError(f"model.noise_kind must be one of {denoiser.NOISE_KINDS}.")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ConfigError("model.dtype must be 'float32' or 'bfloat16'.")
-  if config.model.width % config.model.num_heads:
-    raise ConfigError(f"model.width ({config.model.width}) must be a multiple of "
-                      f"model.num_heads ({config.model.num_heads}).")
+      "train.uniform_elbo_steps", "sample.steps", "sample.temperature",
+      "distill.student_steps", "distill.num_steps", "distill.batch_size",
+      "distill.learning_rate", "distill.aux_learning_rate", "distill.samples_per_z",
+      "distill.aux_updates_per_student", "distill.posterior_gap", "distill.log_every",
+      "distill.checkpoint_every", "distill.teacher_temperature",
+      "distill.noise_lr_multiplier"), non_negative=(
+      "train.warmup_steps", "train.eval_every", "train.sample_every", "distill.warmup_steps",
+      "distill.eval_every", "distill.noise_init_scale", "model.noise_dim"))
+  _check(0.0 < config.sample.top_p <= 1.0,
+         f"config.sample.top_p must be in (0, 1], got {config.sample.top_p}.")
+  _check(0.0 <= config.train.ema_decay < 1.0 and 0.0 <= config.distill.ema_decay < 1.0,
+         "train.ema_decay and distill.ema_decay must be in [0, 1).")
+  _check(0.0 < config.distill.teacher_top_p <= 1.0,
+         f"distill.teacher_top_p must be in (0, 1], got {config.distill.teacher_top_p}.")
+  _check(config.distill.top_p_mode != "hard" or config.distill.allow_hard_top_p,
+         "distill.top_p_mode='hard' makes the student loss diverge (the paper's ablation); set "
+         "--config.distill.allow_hard_top_p=True to run it anyway.")
+  _check(not config.distill.soft_targets or config.kernel.kind == "masked",
+         "distill.soft_targets is defined for the masked kernel only.")
+  _check(config.distill.posterior_gap < 1.0, "distill.posterior_gap must be in (0, 1).")
+  _check(config.model.width % config.model.num_heads == 0,
+         f"model.width ({config.model.width}) must be a multiple of model.num_heads "
+         f"({config.model.num_heads}).")

@@ -10,7 +10,8 @@ The config must describe the same data, kernel and network as the teacher's stor
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, distill
+from dmmd_jax import cli
+from dmmd_jax.training import dmmd_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Student run directory.")
@@ -19,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  result = cli.run(distill.distill, _CONFIG.value, _WORKDIR.value)
+  result = cli.run(dmmd_run.distill_student, _CONFIG.value, _WORKDIR.value)
   print(f"student done: step {result['step']}")
 
 

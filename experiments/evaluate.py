@@ -17,13 +17,14 @@ comparison.png, plots/<metric>.png, samples/ and samples_overview.{png,txt}; pri
 
 from absl import app, flags
 
-from dmmd_jax import cli, evaluation
+from dmmd_jax import cli
+from dmmd_jax.evaluation import compare, registry, report
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Teacher/student workdirs (one dataset).")
 _STEPS = flags.DEFINE_list("steps", ["4", "8", "16", "32", "64", "128", "256"],
                            "Sampling step counts.")
-_METRICS = flags.DEFINE_list("metrics", list(evaluation.METRICS),
-                             f"Metrics, from {','.join(evaluation.ALL_METRICS)}.")
+_METRICS = flags.DEFINE_list("metrics", list(registry.METRICS),
+                             f"Metrics, from {','.join(registry.ALL_METRICS)}.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where results, plots and samples go.")
 _REFERENCE_LM = flags.DEFINE_string("reference_lm", None, "Reference-LM directory (gen_ppl, gm).")
 _FEATURE_NET = flags.DEFINE_string("feature_net", None,
@@ -40,13 +41,13 @@ flags.mark_flags_as_required(["workdirs", "output_dir"])
 
 def main(argv):
   del argv
-  rows = cli.run(evaluation.evaluate_workdirs, _WORKDIRS.value, _STEPS.value, _METRICS.value,
+  rows = cli.run(compare.evaluate_workdirs, _WORKDIRS.value, _STEPS.value, _METRICS.value,
                  _OUTPUT.value, num_samples=_NUM.value, reference_lm=_REFERENCE_LM.value,
                  feature_net=_FEATURE_NET.value, reference=_REFERENCE.value,
                  sample_files=_SAMPLE_FILES.value, seed=_SEED.value, batch_size=_BATCH.value,
                  save_sample_files=_SAVE.value)
   print()
-  print(evaluation.format_table(rows))
+  print(report.format_table(rows))
   print(f"\nresults: {_OUTPUT.value}/results.csv, plot: {_OUTPUT.value}/comparison.png")
 
 

@@ -11,7 +11,8 @@ resumes where it stopped.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, evaluation, pipeline
+from dmmd_jax import cli, main_job
+from dmmd_jax.evaluation import report
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small",
                                           "Experiment config file[:preset].")
@@ -24,11 +25,11 @@ _NUM = flags.DEFINE_integer("num_samples", 256, "Samples per (model, steps).")
 
 def main(argv):
   del argv
-  rows = cli.run(pipeline.run_main_job, _CONFIG.value, _WORKDIR.value,
+  rows = cli.run(main_job.run_main_job, _CONFIG.value, _WORKDIR.value,
                  [int(k) for k in _STUDENTS.value], [int(k) for k in _TEACHER.value],
                  _NUM.value)
   print()
-  print(evaluation.format_table(rows))
+  print(report.format_table(rows))
   print(f"\nresults: {_WORKDIR.value}/results.csv, plot: {_WORKDIR.value}/comparison.png")
 
 

@@ -12,7 +12,9 @@ import os
 import numpy as np
 from absl import app, flags
 
-from dmmd_jax import cli, runs, train
+from dmmd_jax import cli
+from dmmd_jax.data import render
+from dmmd_jax.training import trained_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A teacher or student workdir.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the model's own).")
@@ -28,12 +30,12 @@ flags.mark_flags_as_required(["workdir"])
 def sample_to_files():
   if _NUM.value <= 0:
     raise ValueError(f"--num_samples must be positive, got {_NUM.value}.")
-  model = runs.load(_WORKDIR.value)
+  model = trained_model.load(_WORKDIR.value)
   tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
                         top_p=_TOP_P.value, temperature=_TEMPERATURE.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.save(_OUTPUT.value, tokens.astype(np.int32))
-  return train.dump_samples(model.setup, tokens, os.path.splitext(_OUTPUT.value)[0])
+  return render.dump_samples(model.setup.info, tokens, os.path.splitext(_OUTPUT.value)[0])
 
 
 def main(argv):

@@ -12,7 +12,8 @@ read it). Restarting the same command resumes. See dmmd_jax/sdtt.py for the meth
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, sdtt
+from dmmd_jax import cli
+from dmmd_jax.training import sdtt_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Student run directory.")
@@ -23,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  result = cli.run(sdtt.distill_sdtt, _CONFIG.value, _WORKDIR.value, _START.value)
+  result = cli.run(sdtt_run.distill_sdtt, _CONFIG.value, _WORKDIR.value, _START.value)
   print(f"SDTT student done: {result['rounds']} rounds, {result['step']} steps")
 
 

@@ -11,7 +11,8 @@ comparable to Inception-FID (see dmmd_jax/feature_net.py).
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, feature_net
+from dmmd_jax import cli
+from dmmd_jax.training import feature_net_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/feature_net.py:small",
                                           "Feature-net config file[:preset].")
@@ -21,7 +22,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  result = cli.run(feature_net.train_and_save, _CONFIG.value, _WORKDIR.value)
+  result = cli.run(feature_net_run.train_and_save, _CONFIG.value, _WORKDIR.value)
   print(f"feature net done: held-out accuracy {result['eval_accuracy']:.4f} "
         f"(train {result['train_accuracy']:.4f}) → {_WORKDIR.value}")
 

@@ -11,7 +11,8 @@ does not resume: rerunning retrains from scratch.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmmd_jax import cli, evaluation
+from dmmd_jax import cli
+from dmmd_jax.training import reference_lm_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reference_lm.py:small",
                                           "Reference-LM config file[:preset].")
@@ -21,7 +22,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  result = cli.run(evaluation.train_reference, _CONFIG.value, _WORKDIR.value)
+  result = cli.run(reference_lm_run.train_reference, _CONFIG.value, _WORKDIR.value)
   print(f"reference LM done: held-out NLL {result['eval_nll']:.4f} nats/token "
         f"(perplexity {result['eval_ppl']:.3f}) → {_WORKDIR.value}")
 

@@ -1,8 +1,8 @@
 """Shared helpers of the end-to-end tests (distill, train, sharding, configs, binaries).
 
-Import the `jax_compilation_cache` fixture into a test module (`from _helpers import
-jax_compilation_cache  # noqa: F401`) to give it a persistent XLA compilation cache under pytest's
-cache directory; small end-to-end runs then start several times faster on the second run.
+`jax_compilation_cache` (made autouse for every module by conftest.py) gives the session a
+persistent XLA compilation cache under pytest's cache directory; small end-to-end runs then start
+several times faster on the second run.
 """
 
 import importlib.util

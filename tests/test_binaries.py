@@ -16,7 +16,6 @@ import time
 import _helpers
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
 TRAIN = _helpers.EXPERIMENTS / "train_teacher.py"
 DISTILL = _helpers.EXPERIMENTS / "distill.py"

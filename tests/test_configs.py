@@ -17,10 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import config_lib, data, denoiser, distill, runs, train
-from dmmd_jax import workdir as workdir_lib
+from dmmd_jax import config_lib
+from dmmd_jax.data import images, sources
+from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.models import denoiser
+from dmmd_jax.training import dmmd_run, teacher_run, trained_model
+from dmmd_jax.training import setup as setup_lib
 
 CONFIGS = _helpers.config_names()
 
@@ -54,8 +57,8 @@ def test_every_config_and_preset_builds_and_validates(name, preset):
   if name in DIFFUSION_CONFIGS:
     config_lib.validate(config)
     image = config.model.noise_kind == "pyramid"  # any image shape will do for validation
-    model_cfg = config_lib.denoiser_config(
-        config, config_lib.kernel_from_config(config, 16),
+    model_cfg = setup_lib.denoiser_config_of(
+        config, setup_lib.forward_process_of(config, 16),
         64 if image else max(config.data.seq_len, 1), (8, 8, 1) if image else ())
     denoiser.validate_config(model_cfg)
 
@@ -74,9 +77,9 @@ def test_shakespeare_base_has_the_papers_size(name):
   if config.data.tokenizer == "gpt2":
     vocab = 50257
   else:  # the character vocabulary of the corpus (the tiny preset loads faster, same characters)
-    vocab = data.load_dataset(_helpers.make_config(name, "tiny").data)[2].vocab_size
-  kernel = config_lib.kernel_from_config(config, vocab)
-  model_cfg = config_lib.denoiser_config(config, kernel, config.data.seq_len)
+    vocab = sources.load_dataset(_helpers.make_config(name, "tiny").data)[2].vocab_size
+  kernel = setup_lib.forward_process_of(config, vocab)
+  model_cfg = setup_lib.denoiser_config_of(config, kernel, config.data.seq_len)
   shapes = nn.unbox(jax.eval_shape(functools.partial(denoiser.init_params, cfg=model_cfg),
                                    jax.random.key(0)))
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -101,23 +104,23 @@ def _tiny_params(names):
 
 @pytest.mark.parametrize("name", _tiny_params(DIFFUSION_CONFIGS))
 def test_tiny_preset_trains_and_distils_end_to_end(name, tmp_path):
-  if name == "fashion_mnist" and not os.path.isdir(data.FASHION_MNIST_DIR):
-    pytest.skip(f"Fashion-MNIST is not installed in {data.FASHION_MNIST_DIR} "
+  if name == "fashion_mnist" and not os.path.isdir(images.FASHION_MNIST_DIR):
+    pytest.skip(f"Fashion-MNIST is not installed in {images.FASHION_MNIST_DIR} "
                 "(apt-get install dataset-fashion-mnist)")
   overrides = _tiny_overrides(name, tmp_path)
   teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
   config = _helpers.make_config(name, "tiny", **overrides)
-  result = train.train_teacher(config, teacher)
+  result = teacher_run.train_teacher(config, teacher)
   assert result["step"] == config.train.num_steps and np.isfinite(result["eval_bpt"])
 
   config = _helpers.make_config(name, "tiny", **overrides,
                                 **{"distill.teacher_workdir": teacher})
-  assert distill.distill(config, student) == {"step": config.distill.num_steps}
+  assert dmmd_run.distill_student(config, student) == {"step": config.distill.num_steps}
   rows = _helpers.read_metrics(student)
   assert all(np.isfinite(r[k]) for r in rows for k in ("gen_loss", "aux_loss") if k in r)
   assert {"gen_loss", "aux_loss"} <= {k for r in rows for k in r}
 
-  model = runs.load(student)
+  model = trained_model.load(student)
   samples = model.sample(4)
   assert samples.shape == (4, model.setup.seq_len)
   assert samples.min() >= 0 and samples.max() < model.setup.info.vocab_size

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dmmd_jax import denoiser
+from dmmd_jax.models import denoiser
 
 K = 5  # data tokens; MASK = K for the masked configs
 LENGTH = 8

@@ -27,10 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import config_lib, denoiser, distill, kernels, runs, train
-from dmmd_jax import workdir as workdir_lib
+from dmmd_jax import config_lib
+from dmmd_jax.diffusion import forward_process
+from dmmd_jax.distill import dmmd
+from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.models import denoiser
+from dmmd_jax.training import dmmd_run, loop, teacher_run, trained_model
 
 K = 3  # data tokens
 L = 2  # sequence length
@@ -133,21 +136,21 @@ def np_posterior_marginal(kernel, z: int, x: int, s: float) -> float:
 
 
 def safe_log_np(p):
-  return np.where(p > 0, np.log(np.maximum(p, 1e-300)), kernels.NEG_INF)
+  return np.where(p > 0, np.log(np.maximum(p, 1e-300)), forward_process.NEG_INF)
 
 
 def dcfg(**kw):
-  return distill.DistillConfig(student_steps=1, posterior_gap=GAP, **kw)
+  return dmmd.DistillConfig(student_steps=1, posterior_gap=GAP, **kw)
 
 
-moment_losses = jax.jit(distill.moment_losses, static_argnames=("kernel", "cfg"))
+moment_losses = jax.jit(dmmd.moment_losses, static_argnames=("kernel", "cfg"))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _per_row_losses(kernel, cfg, x, z_s, log_p_rows, log_teacher_rows, log_aux_rows, s):
   def one(log_p, x, z, lt, la):
     draw = dict(s=jnp.full((1,), s), z_s=z[None], log_p=log_p[None], x_student=x[None])
-    return distill.moment_losses(draw, lt[None], la[None], kernel=kernel, cfg=cfg)
+    return dmmd.moment_losses(draw, lt[None], la[None], kernel=kernel, cfg=cfg)
 
   return jax.vmap(one)(log_p_rows, x, z_s, log_teacher_rows, log_aux_rows)
 
@@ -158,7 +161,8 @@ def per_row_losses(kernel, cfg, draws, log_p_rows, log_teacher_rows, log_aux_row
                          log_p_rows, log_teacher_rows, log_aux_rows, s)
 
 
-KERNELS = [kernels.Kernel("masked", K), kernels.Kernel("uniform", K)]
+KERNELS = [forward_process.ForwardProcess("masked", K),
+           forward_process.ForwardProcess("uniform", K)]
 KERNEL_IDS = ["masked", "uniform"]
 
 
@@ -195,10 +199,10 @@ def test_fixed_point_student_gradient_is_exactly_zero(kernel):
   """Student = teacher = auxiliary: the log-ratio is 0 everywhere, so gen_loss and its gradient
   are exactly 0 (with the noise input for masked students); moving the auxiliary breaks it."""
   model_cfg, params, noise_fn = tiny_model(kernel, noise=kernel.is_masked)
-  cfg = distill.DistillConfig(student_steps=2, samples_per_z=2 if kernel.is_masked else 1,
+  cfg = dmmd.DistillConfig(student_steps=2, samples_per_z=2 if kernel.is_masked else 1,
                               use_noise=kernel.is_masked)
   estimator = functools.partial(
-      distill.moment_matching_estimator, apply_fn=functools.partial(denoiser.apply, cfg=model_cfg),
+      dmmd.moment_matching_estimator, apply_fn=functools.partial(denoiser.apply, cfg=model_cfg),
       kernel=kernel, cfg=cfg, noise_fn=noise_fn)
   x = jax.random.randint(jax.random.key(2), (8, 4), 0, K)
   key = jax.random.key(3)
@@ -325,10 +329,10 @@ def test_soft_target_identity(kernel):
 
     log_p = jax.nn.log_softmax(logits, -1)
     p_x = jnp.prod(jnp.exp(jnp.take_along_axis(log_p[None], xs[..., None], -1)[..., 0]), -1)
-    rev = jax.jit(jax.vmap(lambda lx: distill.reverse_log_probs(
+    rev = jax.jit(jax.vmap(lambda lx: dmmd.reverse_log_probs(
         kernel, jnp.asarray(z_s)[None], lx[None], s, GAP)[0]))
     entropy = lambda lp: -jnp.sum(jnp.exp(lp) * lp, -1)  # over the last axis
-    hard_entropy = jnp.sum(p_x[:, None] * entropy(rev(kernels.log_one_hot(xs, K))), 0)
+    hard_entropy = jnp.sum(p_x[:, None] * entropy(rev(forward_process.log_one_hot(xs, K))), 0)
     gap = jnp.sum(entropy(rev(log_p[None])[0]) - hard_entropy) / GAP / L
     key_x = jax.random.split(jax.random.key(5), 20_000)
     mc_x = jax.jit(jax.vmap(lambda k: jax.random.categorical(k, log_p)))(key_x)
@@ -347,7 +351,7 @@ def test_soft_target_identity(kernel):
       return losses(jax.nn.log_softmax(lg, -1), xs[0], log_aux, False)["gen_loss"]
 
     def gen_hard(x):  # the per-sample loss: P(one_hot x) in place of P(p)
-      return losses(kernels.log_one_hot(x, K), x, log_aux, False)["gen_loss"]
+      return losses(forward_process.log_one_hot(x, K), x, log_aux, False)["gen_loss"]
 
     hard_values = jax.jit(jax.vmap(gen_hard))(jnp.asarray(xs))
 
@@ -378,7 +382,7 @@ def test_masked_gen_loss_is_the_papers_weighted_log_ratio(dtype):
   """Linear schedule: gen_loss = mean_b w(s_b) Σ_{masked i} Σ_c p_ic (log x̂_φ − log x̂_θ)_ic / L
   with w(s) = 1/s (also for s < posterior_gap, where s' is clamped to 0); aux_loss equals the
   paper's w(s) Σ_{masked i} −(y + x̂_θ)·log x̂_φ / L up to a φ-independent constant."""
-  kernel = kernels.Kernel("masked", 4)
+  kernel = forward_process.ForwardProcess("masked", 4)
   batch, length = 5, 6
   rng = np.random.default_rng(7)
   with jax.enable_x64(dtype == "float64"):
@@ -413,7 +417,7 @@ def test_masked_gen_loss_is_the_papers_weighted_log_ratio(dtype):
 
 def test_masked_gen_loss_cosine_schedule_is_a_finite_difference_of_the_weight():
   """Cosine schedule: the weight γ/h is a finite difference of w(s) = −α'_s / (1 − α_s) (O(h))."""
-  kernel = kernels.Kernel("masked", 3, "cosine")
+  kernel = forward_process.ForwardProcess("masked", 3, "cosine")
   rng = np.random.default_rng(8)
   with jax.enable_x64(True):
     s = jnp.asarray([0.9, 0.5, 0.2, 0.05])
@@ -437,7 +441,7 @@ def test_squared_error_min_max_gives_the_continuous_mmd_gradient():
   The auxiliary found by minimising E[L_aux] (one exact Newton step — the loss is quadratic) makes
   the expected student gradient the continuous-MMD gradient 2 (E_student[x | z_s] − x̂_θ)·∂p, i.e.
   the gradient of Σ_{z_s} q(z_s) ‖E_student[x | z_s] − x̂_θ(z_s)‖² with the sample weights fixed."""
-  kernel = kernels.Kernel("masked", K)
+  kernel = forward_process.ForwardProcess("masked", K)
   v = kernel.input_vocab_size
   rng = np.random.default_rng(9)
   with jax.enable_x64(True):
@@ -496,7 +500,7 @@ def test_hard_top_p_explodes_and_soft_top_p_stays_bounded():
   """Hard top-p gives excluded tokens log 0 ≈ −1e30, so the student's log-ratio (and its gradient)
   explodes; soft top-p (Δ = 2) keeps them of order one. Config validation refuses hard mode unless
   allow_hard_top_p is set."""
-  kernel = kernels.Kernel("masked", 6)
+  kernel = forward_process.ForwardProcess("masked", 6)
   rng = np.random.default_rng(10)
   teacher_logits = jnp.asarray(rng.normal(size=(2, 3, 6)) * 2.0, jnp.float32)
   student_logits = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32)
@@ -505,7 +509,7 @@ def test_hard_top_p_explodes_and_soft_top_p_stays_bounded():
   results = {}
   for mode in ("hard", "soft"):
     cfg = dcfg(teacher_top_p=0.5, top_p_mode=mode, top_p_delta=2.0)
-    log_teacher = distill.teacher_log_probs(teacher_logits, cfg)
+    log_teacher = dmmd.teacher_log_probs(teacher_logits, cfg)
 
     def gen(lg, log_teacher=log_teacher, cfg=cfg):
       draw = dict(s=jnp.full((2,), 0.5), z_s=z_s, log_p=jax.nn.log_softmax(lg, -1),
@@ -576,7 +580,7 @@ def copy_teachers(copy_data, tmp_path_factory):
   def get(kind):
     if kind not in done:
       workdir = str(tmp_path_factory.mktemp(f"copy_teacher_{kind}"))
-      train.train_teacher(copy_config(copy_data, kind), workdir)
+      teacher_run.train_teacher(copy_config(copy_data, kind), workdir)
       done[kind] = workdir
     return done[kind]
 
@@ -587,8 +591,8 @@ def distil_copy_task(copy_data, teacher, workdir, kind, num_steps, **overrides):
   config = copy_config(copy_data, kind, **{
       "distill.teacher_workdir": teacher,
       **_helpers.quiet_schedule("distill", num_steps, log_every=100), **overrides})
-  assert distill.distill(config, workdir) == {"step": num_steps}
-  return runs.load(workdir).sample(NUM_SAMPLES, seed=1)
+  assert dmmd_run.distill_student(config, workdir) == {"step": num_steps}
+  return trained_model.load(workdir).sample(NUM_SAMPLES, seed=1)
 
 
 def describe(name, tokens):
@@ -600,7 +604,7 @@ def describe(name, tokens):
 
 
 def check_teacher(teacher):
-  model = runs.load(teacher)
+  model = trained_model.load(teacher)
   one_step = model.sample(NUM_SAMPLES, steps=1, seed=1)
   many_steps = model.sample(NUM_SAMPLES, steps=64, seed=1)
   describe("teacher 1 step", one_step)
@@ -663,7 +667,7 @@ def test_copy_task_uniform_student_without_noise_is_unbalanced(copy_data, copy_t
   workdir = str(tmp_path / "student")
   tokens = distil_copy_task(copy_data, teacher, workdir, "uniform", 1500)
   freqs = describe("uniform student without noise (1500 updates)", tokens)
-  model = runs.load(workdir)
+  model = trained_model.load(workdir)
   z_1 = jnp.array([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.int32)
   p_one = jax.nn.softmax(model.setup.apply_fn(model.params, z_1, jnp.ones(4)), -1)[..., 1]
   print("uniform student P(x_i = 1 | z_1) for z_1 = 00, 01, 10, 11:",
@@ -694,7 +698,7 @@ def test_copy_task_zero_noise_init_collapses(copy_data, copy_teachers, tmp_path)
 @pytest.fixture(scope="module")
 def small_teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("small_teacher"))
-  train.train_teacher(_helpers.fast_digits(), workdir)
+  teacher_run.train_teacher(_helpers.fast_digits(), workdir)
   return workdir
 
 
@@ -711,7 +715,7 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   call: identical metrics rows (all steps) and identical final student / auxiliary parameters."""
   overrides = _helpers.quiet_schedule("distill", 8, log_every=1, checkpoint_every=4)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  distill.distill(student_config(small_teacher, **overrides), straight)
+  dmmd_run.distill_student(student_config(small_teacher, **overrides), straight)
 
   save = workdir_lib.save_checkpoint
 
@@ -722,10 +726,11 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
 
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
   with pytest.raises(Interrupted):
-    distill.distill(student_config(small_teacher, **overrides), resumed)
+    dmmd_run.distill_student(student_config(small_teacher, **overrides), resumed)
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
-  assert distill.distill(student_config(small_teacher, **overrides), resumed) == {"step": 8}
+  assert dmmd_run.distill_student(student_config(small_teacher, **overrides),
+                                  resumed) == {"step": 8}
 
   rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
   rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))
@@ -750,8 +755,8 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
 def test_distill_refuses_a_missing_teacher(tmp_path, teacher_dir, message):
   teacher = str(tmp_path / teacher_dir) if teacher_dir else ""
   workdir = tmp_path / "student"
-  with pytest.raises(distill.DistillError, match=message):
-    distill.distill(student_config(teacher), str(workdir))
+  with pytest.raises(dmmd_run.DistillError, match=message):
+    dmmd_run.distill_student(student_config(teacher), str(workdir))
   assert not workdir.exists()
 
 
@@ -766,8 +771,8 @@ def test_distill_refuses_a_teacher_of_another_architecture(small_teacher, tmp_pa
   """A different vocabulary (8 grey levels instead of 17), kernel, width or depth: a DistillError
   naming the key, before the student workdir is created."""
   workdir = tmp_path / "student"
-  with pytest.raises(distill.DistillError, match=key.replace(".", r"\.")) as info:
-    distill.distill(student_config(small_teacher, **override), str(workdir))
+  with pytest.raises(dmmd_run.DistillError, match=key.replace(".", r"\.")) as info:
+    dmmd_run.distill_student(student_config(small_teacher, **override), str(workdir))
   assert "\n" not in str(info.value)
   assert not workdir.exists()
 
@@ -776,7 +781,7 @@ def test_distill_refuses_a_teacher_of_another_architecture(small_teacher, tmp_pa
 def test_distill_refuses_non_positive_student_steps(small_teacher, tmp_path, steps):
   config = student_config(small_teacher, **{"distill.student_steps": steps})
   with pytest.raises(config_lib.ConfigError, match="distill.student_steps"):
-    distill.distill(config, str(tmp_path / "student"))
+    dmmd_run.distill_student(config, str(tmp_path / "student"))
   assert not (tmp_path / "student").exists()
 
 
@@ -807,7 +812,7 @@ def test_distill_reports_a_corrupt_teacher_checkpoint(small_teacher, tmp_path, d
     shutil.rmtree(teacher / "checkpoints")
   message = "has no checkpoint" if damage == "no_checkpoints" else "could not be read"
   with pytest.raises(workdir_lib.WorkdirError, match=message) as info:
-    distill.distill(student_config(str(teacher)), str(tmp_path / "student"))
+    dmmd_run.distill_student(student_config(str(teacher)), str(tmp_path / "student"))
   assert str(teacher) in str(info.value)
   assert "\n" not in str(info.value)
 
@@ -832,7 +837,7 @@ def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(small_te
                                                                         monkeypatch):
   """An auxiliary loss that turns NaN at update 6 (injected into the compiled update's metrics):
   TrainingError naming aux_loss and step 6; checkpoint 5 is on disk and loads."""
-  compile_updates = distill.compile_updates
+  compile_updates = dmmd_run.compile_updates
 
   def poisoned(*args, **kwargs):
     calls = [0]
@@ -848,12 +853,12 @@ def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(small_te
 
     return tuple(map(wrap, compile_updates(*args, **kwargs)))
 
-  monkeypatch.setattr(distill, "compile_updates", poisoned)
+  monkeypatch.setattr(dmmd_run.distill, "compile_updates", poisoned)
   workdir = tmp_path / "student"
   config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 8, log_every=1,
                                                                    checkpoint_every=1))
-  with pytest.raises(train.TrainingError, match="aux_loss became nan at step 6") as info:
-    distill.distill(config, str(workdir))
+  with pytest.raises(loop.TrainingError, match="aux_loss became nan at step 6") as info:
+    dmmd_run.distill_student(config, str(workdir))
   assert _check_nan_stop(workdir, info, ["aux_loss"]) == 6
 
 
@@ -865,8 +870,8 @@ def test_distill_diverging_learning_rate_stops_with_a_nan_loss(small_teacher, tm
       "distill.learning_rate": 1e30, "distill.aux_learning_rate": 1e30,
       "distill.warmup_steps": 0,
       **_helpers.quiet_schedule("distill", 20, log_every=1, checkpoint_every=1)})
-  with pytest.raises(train.TrainingError, match=r"(gen|aux)_loss became nan at step \d+") as info:
-    distill.distill(config, str(workdir))
+  with pytest.raises(loop.TrainingError, match=r"(gen|aux)_loss became nan at step \d+") as info:
+    dmmd_run.distill_student(config, str(workdir))
   _check_nan_stop(workdir, info, ["gen_loss", "aux_loss"])
 
 
@@ -876,6 +881,6 @@ def test_student_may_choose_its_own_noise_input(small_teacher, tmp_path):
   its projection starts random (noise_init_scale) while everything else copies the teacher."""
   config = student_config(small_teacher, **{"model.noise_dim": 3,
                                             **_helpers.quiet_schedule("distill", 2)})
-  assert distill.distill(config, str(tmp_path / "student")) == {"step": 2}
+  assert dmmd_run.distill_student(config, str(tmp_path / "student")) == {"step": 2}
   student = workdir_lib.load_params(str(tmp_path / "student"), "student")
   assert student["noise_proj"]["kernel"].shape == (3, 64)

@@ -14,9 +14,17 @@ import os
 import _helpers
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import distill, evaluation, feature_net, runs, sdtt, synthetic, train
+from dmmd_jax.data import synthetic
+from dmmd_jax.evaluation import compare, registry
+from dmmd_jax.training import (
+  dmmd_run,
+  feature_net_run,
+  reference_lm_run,
+  sdtt_run,
+  teacher_run,
+  trained_model,
+)
 
 # One distillation update (the auxiliary's, for D-MMD): only the workdir format matters here.
 TINY = {"model.num_layers": 1, "model.width": 32, "model.cond_dim": 16, "train.num_steps": 4,
@@ -43,13 +51,13 @@ def _run(script, *flags):
 def runs_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   dirs = {name: str(root / name) for name in ("teacher", "dmmd_k4", "sdtt_k4", "fnet", "lm")}
-  train.train_teacher(_digits_config(), dirs["teacher"])
-  distill.distill(_digits_config(teacher_workdir=dirs["teacher"]), dirs["dmmd_k4"])
-  sdtt.distill_sdtt(_digits_config(teacher_workdir=dirs["teacher"]), dirs["sdtt_k4"],
+  teacher_run.train_teacher(_digits_config(), dirs["teacher"])
+  dmmd_run.distill_student(_digits_config(teacher_workdir=dirs["teacher"]), dirs["dmmd_k4"])
+  sdtt_run.distill_sdtt(_digits_config(teacher_workdir=dirs["teacher"]), dirs["sdtt_k4"],
                     start_steps=8)
   fnet_config = _load("feature_net", "tiny")
   fnet_config.data_from, fnet_config.train.num_steps = dirs["teacher"], 50
-  feature_net.train_and_save(fnet_config, dirs["fnet"])
+  feature_net_run.train_and_save(fnet_config, dirs["fnet"])
   done = _run("train_reference_lm.py", "--config=configs/reference_lm.py:tiny",
               f"--config.data_from={dirs['teacher']}", "--config.train.num_steps=20",
               "--config.train.log_every=10", f"--workdir={dirs['lm']}")
@@ -63,7 +71,7 @@ def test_sdtt_writes_a_loadable_student_workdir(runs_dir):
   info = json.load(open(os.path.join(dirs["sdtt_k4"], "run.json")))
   assert (info["kind"], info["method"], info["student_steps"], info["start_steps"],
           info["num_rounds"]) == ("student", "sdtt", 4, 8, 1)
-  model = runs.load(dirs["sdtt_k4"])
+  model = trained_model.load(dirs["sdtt_k4"])
   assert model.kind == "student" and model.default_steps == 4 and model.noise_fn() is None
   logged = [json.loads(r) for r in open(os.path.join(dirs["sdtt_k4"], "metrics.jsonl"))]
   assert logged[-1]["step"] == 1 and np.isfinite(logged[-1]["kl_loss"])
@@ -102,12 +110,12 @@ def test_evaluate_binary_error_is_one_line(runs_dir):
               "--output_dir=/tmp/unused")
   assert done.returncode == 1
   assert done.stderr.strip().splitlines() == [
-      f"error: unknown metric(s) fid; choose from {', '.join(evaluation.ALL_METRICS)}."]
+      f"error: unknown metric(s) fid; choose from {', '.join(registry.ALL_METRICS)}."]
 
 
 def test_evaluate_errors(runs_dir, tmp_path):
   root, dirs = runs_dir
-  run = lambda **kw: evaluation.evaluate_workdirs(
+  run = lambda **kw: compare.evaluate_workdirs(
       kw.pop("workdirs", [dirs["teacher"]]), [2], kw.pop("names", ["mmd2"]), str(tmp_path),
       num_samples=8, progress=None, bars=False, **kw)
   with pytest.raises(ValueError, match="metric frechet needs --feature_net"):
@@ -126,6 +134,6 @@ def test_evaluate_errors(runs_dir, tmp_path):
   lm_config = _load("reference_lm", "tiny")
   lm_config.data.source, lm_config.data.path, lm_config.data.vocab_size = "npy", str(syn), 8
   lm_config.data.seq_len, lm_config.train.num_steps = 0, 1
-  evaluation.train_reference(lm_config, str(tmp_path / "lm8"), progress=False)
+  reference_lm_run.train_reference(lm_config, str(tmp_path / "lm8"), progress=False)
   with pytest.raises(ValueError, match="vocabulary of 8 tokens but the samples use 17"):
     run(names=["gm"], reference_lm=str(tmp_path / "lm8"))

@@ -15,15 +15,16 @@ import types
 
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import data as data_lib
-from dmmd_jax import evaluation, synthetic
-from dmmd_jax import reference_lm as rl
+from dmmd_jax.data import synthetic
+from dmmd_jax.data import types as data_types
+from dmmd_jax.evaluation import compare, registry, report
+from dmmd_jax.models import reference_lm
+from dmmd_jax.training import reference_lm_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = synthetic.SyntheticSource(vocab_size=8, seq_len=16, seed=0, concentration=0.1)
-INFO = data_lib.DataInfo("text", 8, 16)
+INFO = data_types.DataInfo("text", 8, 16)
 
 
 class StandIn:
@@ -73,19 +74,19 @@ def reference(synthetic_npy, tmp_path_factory):
   config.data.vocab_size, config.data.seq_len, config.data.eval_fraction = 8, 0, 0.1
   config.train.num_steps = 150
   workdir = str(tmp_path_factory.mktemp("ref_lm"))
-  result = evaluation.train_reference(config, workdir, progress=False)
-  return result, evaluation.load_reference_lm(workdir), workdir
+  result = reference_lm_run.train_reference(config, workdir, progress=False)
+  return result, reference_lm.load(workdir), workdir
 
 
 def test_reference_lm_learns_and_reloads(reference):
   result, lm, workdir = reference
   assert result["eval_nll"] < 0.8 * np.log(8)
   assert np.isclose(result["eval_ppl"], np.exp(result["eval_nll"]))
-  record = json.load(open(os.path.join(workdir, evaluation.REFERENCE_LM_FILE)))
+  record = json.load(open(os.path.join(workdir, reference_lm.RECORD_FILE)))
   assert record["config"]["vocab_size"] == 8 and record["history"]["step"][-1] == 150
   data = synthetic.sample(SOURCE, 64, seed=3)
-  assert lm.config == rl.ReferenceLMConfig(8, 16, 1, 32, 2)
-  nll = rl.evaluate_nll(lm.params, data, config=lm.config)
+  assert lm.config == reference_lm.ReferenceLMConfig(8, 16, 1, 32, 2)
+  nll = reference_lm_run.evaluate_nll(lm.params, data, config=lm.config)
   assert np.isclose(-float(np.mean(lm.log_prob_fn(data))), nll, rtol=1e-5)
   np.testing.assert_allclose(lm.loglik_fn(lm.params, data), np.mean(lm.log_prob_fn(data), 1),
                              rtol=1e-5)
@@ -94,51 +95,51 @@ def test_reference_lm_learns_and_reloads(reference):
 def test_reference_lm_compatibility_errors(reference):
   lm = reference[1]
   lm.check_compatible(INFO)
-  lm.check_compatible(data_lib.DataInfo("text", 8, 12))  # shorter samples fit
+  lm.check_compatible(data_types.DataInfo("text", 8, 12))  # shorter samples fit
   with pytest.raises(ValueError, match="vocabulary of 8 tokens but the samples use 9"):
-    lm.check_compatible(data_lib.DataInfo("text", 9, 16))
+    lm.check_compatible(data_types.DataInfo("text", 9, 16))
   with pytest.raises(ValueError, match="at most 16 tokens"):
-    lm.check_compatible(data_lib.DataInfo("text", 8, 32))
+    lm.check_compatible(data_types.DataInfo("text", 8, 32))
   with pytest.raises(ValueError, match="tokenizer"):
-    lm.check_compatible(data_lib.DataInfo("text", 8, 16, tokenizer={"kind": "char"}))
+    lm.check_compatible(data_types.DataInfo("text", 8, 16, tokenizer={"kind": "char"}))
 
 
 def test_missing_reference_lm_directory(tmp_path):
   with pytest.raises(ValueError, match="not a reference-LM directory"):
-    evaluation.load_reference_lm(str(tmp_path))
+    reference_lm.load(str(tmp_path))
 
 
 def test_metric_names_and_requirements():
   teacher = StandIn("t", "teacher", _setup())
-  evaluation.check_metrics(evaluation.METRICS, teacher)
+  registry.check_metrics(registry.METRICS, teacher)
   with pytest.raises(ValueError, match="unknown metric.*fid"):
-    evaluation.check_metrics(["mmd2", "fid"])
+    registry.check_metrics(["mmd2", "fid"])
   with pytest.raises(ValueError, match="unknown metric"):
-    evaluation.check_metrics([])
+    registry.check_metrics([])
   for name, flag in [("gm", "--reference_lm"), ("gen_ppl", "--reference_lm"),
                      ("frechet", "--feature_net"), ("precision_recall", "--feature_net"),
                      ("copy_rate", "synthetic"), ("exact_nll", "synthetic"),
                      ("teacher_nelbo", "teacher")]:
     with pytest.raises(ValueError, match=f"metric {name} needs .*{flag}"):
-      evaluation.check_metrics([name], StandIn("s", "student", _setup(), 4))
-  assert set(evaluation.ALL_METRICS) == set(evaluation.COLUMNS) == set(evaluation.SCORERS)
+      registry.check_metrics([name], StandIn("s", "student", _setup(), 4))
+  assert registry.ALL_METRICS == tuple(registry.REGISTRY)
 
 
 def test_score_rejects_out_of_range_ids():
   held_out = synthetic.sample(SOURCE, 20, seed=1)
   with pytest.raises(ValueError, match=r"ids in \[8, 8\], outside the vocabulary \[0, 8\)"):
-    evaluation.score(np.full((5, 16), 8), held_out, None, 8, ["entropy"])
+    registry.score(np.full((5, 16), 8), held_out, None, 8, ["entropy"])
   with pytest.raises(ValueError, match="length 15"):
-    evaluation.score(np.zeros((5, 15), int), held_out, None, 8, ["entropy"])
+    registry.score(np.zeros((5, 15), int), held_out, None, 8, ["entropy"])
 
 
 def test_score_exact_metrics_and_reference_lm_metrics(reference):
   lm = reference[1]
-  resources = evaluation.Resources(reference_lm=lm, synthetic=SOURCE, gm_pairs=8)
+  resources = registry.Resources(reference_lm=lm, synthetic=SOURCE, gm_pairs=8)
   names = ["entropy", "gen_ppl", "gm", "copy_rate", "exact_nll"]
   data = synthetic.sample(SOURCE, 512, seed=5)
   held_out = synthetic.sample(SOURCE, 512, seed=6)
-  real = evaluation.score(data, held_out, None, 8, names, resources=resources)
+  real = registry.score(data, held_out, None, 8, names, resources=resources)
   assert list(real) == ["entropy", "gen_ppl", "gm", "gm_se", "copy_rate",
                         "copy_position_agreement", "exact_nll", "valid_fraction"]
   assert real["copy_rate"] == 1.0 and real["valid_fraction"] == 1.0
@@ -147,18 +148,18 @@ def test_score_exact_metrics_and_reference_lm_metrics(reference):
   # Repeating one typical sequence keeps perplexity but not the gradient moment.
   nll = -np.asarray(lm.loglik_fn(lm.params, data))
   typical = data[np.argmin(np.abs(nll - nll.mean()))]
-  repeated = evaluation.score(np.tile(typical, (512, 1)), held_out, None, 8, names,
+  repeated = registry.score(np.tile(typical, (512, 1)), held_out, None, 8, names,
                               resources=resources)
   assert 0.8 < repeated["gen_ppl"] / real["gen_ppl"] < 1.25
   assert repeated["gm"] > real["gm"] + 5 * max(real["gm_se"], repeated["gm_se"])
 
 
 def test_gm_pairs():
-  assert evaluation.gm_pairs(1024, 1024) == 16
-  assert evaluation.gm_pairs(64, 200) == 8
-  assert evaluation.gm_pairs(10, 10) == 2
+  assert registry.gm_pairs(1024, 1024) == 16
+  assert registry.gm_pairs(64, 200) == 8
+  assert registry.gm_pairs(10, 10) == 2
   with pytest.raises(ValueError):
-    evaluation.gm_pairs(3, 100)
+    registry.gm_pairs(3, 100)
 
 
 def test_evaluate_with_stand_in_models():
@@ -167,10 +168,10 @@ def test_evaluate_with_stand_in_models():
   student = StandIn("runs/b/k4", "student", setup, student_steps=4)
   other = StandIn("runs/c/teacher", "teacher", setup)
   seen, lines = [], []
-  rows = evaluation.evaluate(
-      [teacher, student, other], evaluation.steps_for_models([2, 4, 16]), 100, teacher,
+  rows = compare.evaluate(
+      [teacher, student, other], compare.steps_for_models([2, 4, 16]), 100, teacher,
       ["mmd2", "teacher_nelbo", "entropy", "copy_rate", "exact_nll"], batch_size=64,
-      progress=lines.append, resources=evaluation.Resources(synthetic=SOURCE),
+      progress=lines.append, resources=registry.Resources(synthetic=SOURCE),
       extra_samples=[("repeated", np.tile(setup.eval_tokens[:1], (100, 1)))],
       on_samples=lambda *args: seen.append(args[:2]), bars=False)
   assert [(r.model, r.kind, r.steps) for r in rows] == [
@@ -194,81 +195,81 @@ def test_evaluate_with_stand_in_models():
 def test_evaluate_checks_before_sampling():
   setup = _setup()
   teacher = StandIn("t", "teacher", setup)
-  longer = StandIn("u", "teacher", _setup(data_lib.DataInfo("text", 8, 32)))
+  longer = StandIn("u", "teacher", _setup(data_types.DataInfo("text", 8, 32)))
   with pytest.raises(ValueError, match="different tokenizer or length"):
-    evaluation.evaluate([teacher, longer], lambda m: [2], 10, teacher, ["entropy"], bars=False)
+    compare.evaluate([teacher, longer], lambda m: [2], 10, teacher, ["entropy"], bars=False)
   with pytest.raises(ValueError, match="synthetic source has vocabulary/length 9/16"):
-    evaluation.evaluate([teacher], lambda m: [2], 10, teacher, ["entropy"], bars=False,
-                        resources=evaluation.Resources(synthetic=synthetic.SyntheticSource(9, 16)))
+    compare.evaluate([teacher], lambda m: [2], 10, teacher, ["entropy"], bars=False,
+                        resources=registry.Resources(synthetic=synthetic.SyntheticSource(9, 16)))
   with pytest.raises(ValueError, match="sample file .* outside"):
-    evaluation.evaluate([teacher], lambda m: [2], 10, teacher, ["entropy"], bars=False,
+    compare.evaluate([teacher], lambda m: [2], 10, teacher, ["entropy"], bars=False,
                         extra_samples=[("sample file x.npy", np.full((3, 16), -1))])
   assert teacher.calls == []
 
 
 def test_reference_sets_are_disjoint_when_possible():
   setup = _setup()
-  held_out, rows, label = evaluation.reference_sets(setup, 100)
+  held_out, rows, label = compare.reference_sets(setup, 100)
   assert label == "data (held-out)" and len(held_out) == len(rows) == 100
   np.testing.assert_array_equal(rows, setup.eval_tokens[100:200])
-  held_out, rows, label = evaluation.reference_sets(setup, 150)
+  held_out, rows, label = compare.reference_sets(setup, 150)
   assert label == "data (train)"
   np.testing.assert_array_equal(rows, setup.train_tokens[:150])
 
 
 def test_steps_and_names():
-  steps_for = evaluation.steps_for_models(["16", "4", "8", "4"])
+  steps_for = compare.steps_for_models(["16", "4", "8", "4"])
   assert steps_for(types.SimpleNamespace(kind="teacher")) == [4, 8, 16]
   assert steps_for(types.SimpleNamespace(kind="student", student_steps=8)) == [8, 16]
   assert steps_for(types.SimpleNamespace(kind="student", student_steps=2)) == [2, 4, 8, 16]
   for bad in (["0"], ["x"], []):
     with pytest.raises(ValueError, match="--steps"):
-      evaluation.parse_steps(bad)
+      compare.parse_steps(bad)
   models = [types.SimpleNamespace(workdir=w) for w in ("r/a/t", "r/b/t/", "r/s")]
-  assert evaluation.model_names(models) == ["a/t", "b/t", "s"]
+  assert compare.model_names(models) == ["a/t", "b/t", "s"]
 
 
 def _rows():
-  return [evaluation.Row("data (held-out)", "data", 0, {"mmd2": 0.0, "mmd2_se": 0.01}),
-          evaluation.Row("teacher", "teacher", 4, {"mmd2": 0.3, "mmd2_se": 0.02}),
-          evaluation.Row("teacher", "teacher", 16, {"mmd2": 0.1, "mmd2_se": 0.02}),
-          evaluation.Row("k4", "student", 4, {"mmd2": 0.05, "mmd2_se": 0.01, "gm": 1.5,
-                                              "exact_nll": float("nan")})]
+  return [compare.Row("data (held-out)", "data", 0, {"mmd2": 0.0, "mmd2_se": 0.01}),
+          compare.Row("teacher", "teacher", 4, {"mmd2": 0.3, "mmd2_se": 0.02}),
+          compare.Row("teacher", "teacher", 16, {"mmd2": 0.1, "mmd2_se": 0.02}),
+          compare.Row("k4", "student", 4, {"mmd2": 0.05, "mmd2_se": 0.01, "gm": 1.5,
+                                           "exact_nll": float("nan")})]
 
 
 def test_results_files_table_and_plots(tmp_path):
   rows = _rows()
-  evaluation.write_results(rows, str(tmp_path))
+  report.write_results(rows, str(tmp_path))
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert list(table[0]) == ["model", "kind", "steps", "mmd2", "mmd2_se", "gm", "exact_nll"]
   assert table[3]["gm"] == "1.5" and table[0]["gm"] == ""
   stored = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN → null
   assert stored[1] == rows[1].flat() and stored[3]["exact_nll"] is None
-  text = evaluation.format_table(rows)
+  text = report.format_table(rows)
   assert "mmd2_se" in text.splitlines()[0] and "nan" in text.splitlines()[2]
-  evaluation.plot(rows, str(tmp_path / "all.png"))
-  evaluation.plot(rows, str(tmp_path / "plots" / "gm.png"), ["gm"])
+  report.plot(rows, str(tmp_path / "all.png"))
+  report.plot(rows, str(tmp_path / "plots" / "gm.png"), ["gm"])
   for name in ("all.png", "plots/gm.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sample_files_and_overviews(tmp_path):
-  text_info = data_lib.DataInfo("text", 8, 16)
+  text_info = data_types.DataInfo("text", 8, 16)
   tokens = synthetic.sample(SOURCE, 5, seed=0)
-  path = evaluation.save_samples(str(tmp_path), text_info, "k4 student", tokens)
+  path = report.save_samples(str(tmp_path), text_info, "k4 student", tokens)
   assert path.endswith("k4_student.txt") and "=====" in open(path).read()
   np.testing.assert_array_equal(np.load(tmp_path / "samples" / "k4_student.npy"), tokens)
-  overview = evaluation.sample_overview(str(tmp_path / "over"), text_info, [("a", tokens)])
+  overview = report.sample_overview(str(tmp_path / "over"), text_info, [("a", tokens)])
   assert open(overview).read().startswith("### a")
-  image_info = data_lib.DataInfo("image", 4, 16, (4, 4, 1))
+  image_info = data_types.DataInfo("image", 4, 16, (4, 4, 1))
   images = np.random.default_rng(0).integers(0, 4, (10, 16))
-  assert evaluation.save_samples(str(tmp_path), image_info, "img", images).endswith(".png")
-  png = evaluation.sample_overview(str(tmp_path / "grid"), image_info, [("a", images),
+  assert report.save_samples(str(tmp_path), image_info, "img", images).endswith(".png")
+  png = report.sample_overview(str(tmp_path / "grid"), image_info, [("a", images),
                                                                         ("b", images)])
   assert open(png, "rb").read()[:4] == b"\x89PNG"
   np.save(tmp_path / "bad.npy", np.full((4, 16), 9))
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    evaluation.load_sample_file(str(tmp_path / "bad.npy"), text_info)
+    compare.load_sample_file(str(tmp_path / "bad.npy"), text_info)
   with pytest.raises(FileNotFoundError):
-    evaluation.load_sample_file(str(tmp_path / "none.npy"), text_info)
+    compare.load_sample_file(str(tmp_path / "none.npy"), text_info)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmmd_jax import kernels, losses
+from dmmd_jax.diffusion import elbo, forward_process
 
 K = 3  # data tokens
 L = 2  # sequence length
@@ -31,9 +31,9 @@ P_DATA = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
 KIND_SCHEDULES = [(k, s) for k in ("uniform", "masked") for s in ("linear", "cosine")]
 
 # Jitted library functions (one compile per kernel and shape instead of eager op-by-op dispatch).
-posterior_log_probs = jax.jit(kernels.posterior_log_probs, static_argnums=0)
-discrete_elbo = jax.jit(losses.discrete_elbo, static_argnums=(0, 5))
-masked_elbo = jax.jit(losses.masked_elbo, static_argnums=0)
+posterior_log_probs = jax.jit(forward_process.posterior_log_probs, static_argnums=0)
+discrete_elbo = jax.jit(elbo.discrete_elbo, static_argnums=(0, 5))
+masked_elbo = jax.jit(elbo.masked_elbo, static_argnums=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,7 +95,8 @@ def bayes_denoiser(kernel):
     post = P_DATA * lik
     norm = post.sum(-1, keepdims=True)
     post = np.where(norm > 0, post / np.maximum(norm, 1e-300), 1.0 / K)
-    return np.where(post > 0, np.log(np.maximum(post, 1e-300)), kernels.NEG_INF).astype(np.float32)
+    return np.where(post > 0, np.log(np.maximum(post, 1e-300)),
+                    forward_process.NEG_INF).astype(np.float32)
 
   return denoise
 
@@ -147,7 +148,7 @@ def neg_elbo_discrete(kernel, denoise, x, num_steps):
 
 @pytest.mark.parametrize("kind,schedule", KIND_SCHEDULES)
 def test_discrete_elbo_bounds_exact_likelihood_of_random_denoiser(kind, schedule):
-  kernel = kernels.Kernel(kind, K, schedule)
+  kernel = forward_process.ForwardProcess(kind, K, schedule)
   v = kernel.input_vocab_size
   rng = np.random.default_rng(0)
   table = 2.0 * rng.normal(size=(T + 1, v**L, L, K))
@@ -165,7 +166,7 @@ def test_discrete_elbo_bounds_exact_likelihood_of_random_denoiser(kind, schedule
 
 @pytest.mark.parametrize("kind,schedule", KIND_SCHEDULES)
 def test_discrete_elbo_is_tight_for_exact_posterior_of_product_data(kind, schedule):
-  kernel = kernels.Kernel(kind, K, schedule)
+  kernel = forward_process.ForwardProcess(kind, K, schedule)
   denoise = bayes_denoiser(kernel)
   p_model, _ = model_probs_discrete(kernel, denoise, T)
   np.testing.assert_allclose(p_model, np.prod(P_DATA[np.arange(L), DATA], axis=1), atol=1e-6)
@@ -176,7 +177,7 @@ def test_discrete_elbo_is_tight_for_exact_posterior_of_product_data(kind, schedu
 
 def test_discrete_elbo_first_step_is_reconstruction():
   """At t_index = 1 the posterior is x itself, so T · KL = T · Σ_i −log x̂_i[x_i]."""
-  kernel = kernels.Kernel("uniform", K)
+  kernel = forward_process.ForwardProcess("uniform", K)
   rng = np.random.default_rng(1)
   log_x = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(5, L, K)), jnp.float32))
   x = jnp.asarray(rng.integers(0, K, (5, L)), jnp.int32)
@@ -224,7 +225,7 @@ def random_masked_denoiser(seed):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_masked_continuous_elbo_is_order_averaged_nll_and_bounds_likelihood(schedule):
-  kernel = kernels.Kernel("masked", K, schedule)
+  kernel = forward_process.ForwardProcess("masked", K, schedule)
   denoise = random_masked_denoiser(2)
   probs, gaps = [], []
   for x in DATA:
@@ -241,14 +242,16 @@ def test_masked_continuous_elbo_is_order_averaged_nll_and_bounds_likelihood(sche
 def test_masked_continuous_elbo_is_schedule_invariant():
   denoise = random_masked_denoiser(3)
   for x in DATA[::2]:
-    lin = neg_elbo_masked_continuous(kernels.Kernel("masked", K, "linear"), denoise, x)
-    cos = neg_elbo_masked_continuous(kernels.Kernel("masked", K, "cosine"), denoise, x)
+    lin = neg_elbo_masked_continuous(forward_process.ForwardProcess("masked", K, "linear"),
+                                     denoise, x)
+    cos = neg_elbo_masked_continuous(forward_process.ForwardProcess("masked", K, "cosine"),
+                                     denoise, x)
     np.testing.assert_allclose(lin, cos, rtol=1e-5)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_masked_continuous_elbo_is_tight_for_exact_posterior(schedule):
-  kernel = kernels.Kernel("masked", K, schedule)
+  kernel = forward_process.ForwardProcess("masked", K, schedule)
   bayes = bayes_denoiser(kernel)
   denoise = lambda z, t: bayes(z, 0.5)  # for masked product data E[x_i | z_t] ignores t
   for x in DATA:
@@ -279,7 +282,7 @@ def uniform_table_apply(params, tokens, t):
     pytest.param("masked", "linear", marks=pytest.mark.slow),
 ])
 def test_diffusion_loss_monte_carlo_mean_matches_exact_elbo(kind, schedule):
-  kernel = kernels.Kernel(kind, K, schedule)
+  kernel = forward_process.ForwardProcess(kind, K, schedule)
   rng = np.random.default_rng(4)
   if kernel.is_masked:
     table = 1.5 * rng.normal(size=((K + 1)**L, L, K))
@@ -295,7 +298,7 @@ def test_diffusion_loss_monte_carlo_mean_matches_exact_elbo(kind, schedule):
   repeats, num_keys = 16, 400
   xb = jnp.asarray(np.tile(DATA, (repeats, 1)))  # every x, repeated; row r is DATA[r % 9]
   params = jnp.asarray(table, jnp.float32)
-  loss = jax.jit(jax.vmap(lambda k: losses.diffusion_loss(k, params, apply_fn, kernel, xb, T)))
+  loss = jax.jit(jax.vmap(lambda k: elbo.diffusion_loss(k, params, apply_fn, kernel, xb, T)))
   vals = np.asarray(loss(jax.random.split(jax.random.key(0), num_keys)), np.float64)
   assert vals.shape == (num_keys, repeats * len(DATA)) and np.all(np.isfinite(vals))
   # Per key, average the repeats of each x (they share the antithetic offset, not i.i.d.).
@@ -315,7 +318,7 @@ def test_diffusion_loss_monte_carlo_mean_matches_exact_elbo(kind, schedule):
 
 def test_antithetic_times_are_stratified_in_unit_interval():
   b = 7
-  times = np.asarray(jax.vmap(lambda k: losses.antithetic_times(k, b))(
+  times = np.asarray(jax.vmap(lambda k: elbo.antithetic_times(k, b))(
       jax.random.split(jax.random.key(5), 4000)))
   assert times.shape == (4000, b)
   assert np.all(times >= 0.0) and np.all(times < 1.0)
@@ -331,7 +334,7 @@ def test_antithetic_times_are_stratified_in_unit_interval():
 
 
 def test_bits_per_token():
-  np.testing.assert_allclose(losses.bits_per_token(jnp.float32(3.0 * 8 * math.log(2.0)), 8), 3.0,
+  np.testing.assert_allclose(elbo.bits_per_token(jnp.float32(3.0 * 8 * math.log(2.0)), 8), 3.0,
                              rtol=1e-6)
-  np.testing.assert_allclose(losses.bits_per_token(jnp.array([1.0, 2.0]) * 10, 10),
+  np.testing.assert_allclose(elbo.bits_per_token(jnp.array([1.0, 2.0]) * 10, 10),
                              np.array([1.0, 2.0]) / math.log(2.0), rtol=1e-6)

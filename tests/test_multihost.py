@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from dmmd_jax import distributed
+from dmmd_jax.infra import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT = 10  # seconds; the kill test waits for about this long

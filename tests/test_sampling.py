@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmmd_jax import kernels, sampling, schedules
-from dmmd_jax.sampling import SamplerConfig
+from dmmd_jax.diffusion import forward_process, sampling, schedules
+from dmmd_jax.diffusion.sampling import SamplerConfig
 
 # ------------------------------------------------------------------------------------------------
 # Denoisers and recorders.
@@ -65,7 +65,7 @@ def masked_posterior_apply(params, tokens, t, noise):
   """Exact E[x_i | z_t] of product data, masked kernel: p_i at MASK, else a copy of the token."""
   del t, noise
   k = params.shape[-1]
-  copied = kernels.log_one_hot(jnp.minimum(tokens, k - 1), k)
+  copied = forward_process.log_one_hot(jnp.minimum(tokens, k - 1), k)
   return jnp.where((tokens == k)[..., None], params[None], copied).astype(jnp.float32)
 
 
@@ -107,7 +107,7 @@ RARE_DRAWS = (1000, 200)  # batch, length: 2e5 draws
 
 def test_one_step_sampler_matches_softmax_including_rare_tokens():
   probs = np.array([1e-4, 0.15, 0.25, 0.6 - 1e-4])
-  kernel = kernels.Kernel("masked", 4)
+  kernel = forward_process.ForwardProcess("masked", 4)
   cfg = SamplerConfig(steps=1, float64=True)
   out = sampling.sample(jax.random.key(0), const_apply, jnp.log(jnp.asarray(probs, jnp.float32)),
                         kernel, cfg, *RARE_DRAWS)
@@ -122,7 +122,7 @@ def test_one_step_sampler_matches_softmax_including_rare_tokens():
 @pytest.mark.parametrize("float64", [True, False])
 def test_one_step_sampler_unbiased_for_moderate_probabilities(float64):
   probs = np.array([0.1, 0.2, 0.3, 0.4])
-  kernel = kernels.Kernel("masked", 4)
+  kernel = forward_process.ForwardProcess("masked", 4)
   cfg = SamplerConfig(steps=1, float64=float64)
   out = sampling.sample(jax.random.key(1), const_apply, jnp.log(jnp.asarray(probs, jnp.float32)),
                         kernel, cfg, *RARE_DRAWS)  # same shapes as above: one compile fewer
@@ -132,7 +132,7 @@ def test_one_step_sampler_unbiased_for_moderate_probabilities(float64):
 def test_one_step_sampler_applies_temperature_then_top_p():
   probs = np.array([0.1, 0.2, 0.3, 0.4])
   logits = jnp.log(jnp.asarray(probs, jnp.float32))
-  kernel = kernels.Kernel("uniform", 4)
+  kernel = forward_process.ForwardProcess("uniform", 4)
   # Temperature 2: softmax(logits / 2) ∝ sqrt(p) ≈ [0.16, 0.23, 0.28, 0.33]. Top-p 0.65 of that
   # keeps the top three (0.28 + 0.33 < 0.65); applied before the temperature it would keep two
   # (0.3 + 0.4 ≥ 0.65). Kept tokens are renormalised.
@@ -197,7 +197,7 @@ def test_adjust_logits_temperature_and_hard_soft_top_p():
     assert keep.any(-1).all() and not keep.all()
     hard = np.asarray(adjust_logits(logits, temperature, 0.8, "hard"))
     np.testing.assert_allclose(hard[keep], np.asarray(tempered)[keep], rtol=1e-6)
-    assert np.all(hard[~keep] == kernels.NEG_INF)
+    assert np.all(hard[~keep] == forward_process.NEG_INF)
     for delta in (2.0, 3.5):
       soft = np.asarray(adjust_logits(logits, temperature, 0.8, "soft", delta))
       np.testing.assert_allclose(soft[keep], np.asarray(tempered)[keep], rtol=1e-6)
@@ -216,7 +216,8 @@ def test_adjust_logits_temperature_and_hard_soft_top_p():
 ])
 def test_sampler_config_validation(cfg, match):
   with pytest.raises(ValueError, match=match):
-    sampling.sample(jax.random.key(0), const_apply, jnp.zeros(3), kernels.Kernel("masked", 3),
+    sampling.sample(jax.random.key(0), const_apply, jnp.zeros(3),
+                    forward_process.ForwardProcess("masked", 3),
                     cfg, 1, 2)
 
 
@@ -231,7 +232,7 @@ UNIFORM_K, UNIFORM_STEPS, UNIFORM_SHAPE = 5, 5, (16, 12)
 
 
 def sample_masked(seed, cache=False):
-  kernel = kernels.Kernel("masked", MASKED_K)
+  kernel = forward_process.ForwardProcess("masked", MASKED_K)
   params = jnp.asarray(np.random.default_rng(2).normal(size=(MASKED_K + 1, MASKED_K)), jnp.float32)
   out = sampling.sample(jax.random.key(seed), recording_apply, params, kernel,
                         SamplerConfig(steps=MASKED_STEPS, cache=cache), *MASKED_SHAPE)
@@ -239,7 +240,7 @@ def sample_masked(seed, cache=False):
 
 
 def sample_uniform(seed):
-  kernel = kernels.Kernel("uniform", UNIFORM_K, "cosine")
+  kernel = forward_process.ForwardProcess("uniform", UNIFORM_K, "cosine")
   params = jnp.asarray(np.random.default_rng(3).normal(size=(UNIFORM_K, UNIFORM_K)), jnp.float32)
   out = sampling.sample(jax.random.key(seed), recording_apply, params, kernel,
                         SamplerConfig(steps=UNIFORM_STEPS, grid="cosine"), *UNIFORM_SHAPE)
@@ -301,7 +302,7 @@ def test_sampler_compiles_once_per_configuration():
 def test_multi_step_sampler_with_exact_posterior_reproduces_product_data(kind):
   p_data = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.05, 0.5, 0.45]])
   k = p_data.shape[1]
-  kernel = kernels.Kernel(kind, k)
+  kernel = forward_process.ForwardProcess(kind, k)
   apply_fn = masked_posterior_apply if kind == "masked" else uniform_posterior_apply
   out = np.asarray(sampling.sample(jax.random.key(8), apply_fn,
                                    jnp.log(jnp.asarray(p_data, jnp.float32)), kernel,
@@ -325,7 +326,7 @@ def posterior_apply_in_t_dtype(params, tokens, t, noise):
 def test_sampler_accepts_logits_in_the_dtype_of_t():
   """With float64=True the sampler hands apply_fn a float64 t; logits computed from it are
   float64, which the sampler must accept (the teacher's Bayes denoiser of product data)."""
-  kernel = kernels.Kernel("uniform", 3)
+  kernel = forward_process.ForwardProcess("uniform", 3)
   log_p = jnp.log(jnp.asarray([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], jnp.float32))
   out = sampling.sample(jax.random.key(12), posterior_apply_in_t_dtype, log_p, kernel,
                         SamplerConfig(steps=2), 4, 2)
@@ -355,7 +356,7 @@ def test_cache_gives_identical_output_with_fewer_network_calls():
 
 
 def test_student_noise_is_fresh_at_every_step():
-  kernel = kernels.Kernel("masked", 4)
+  kernel = forward_process.ForwardProcess("masked", 4)
   params = jnp.zeros((4,), jnp.float32)
   steps = 3
   recorded_calls()

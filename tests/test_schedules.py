@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmmd_jax import schedules
+from dmmd_jax.diffusion import schedules
 
 SCHEDULES = ("linear", "cosine")
 

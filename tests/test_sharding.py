@@ -14,9 +14,8 @@ import types
 
 import _helpers
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import sharding
+from dmmd_jax.infra import sharding
 
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1)]
 DEFAULT_MESHES = [(2, 4, 1)]  # data and fsdp both > 1; the other two meshes are slow tests
@@ -31,7 +30,13 @@ if cache:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 sys.path.insert(0, tests_dir)
 import _helpers
-from dmmd_jax import distill, sharding, train
+from dmmd_jax.distill import dmmd
+from dmmd_jax.infra import sharding
+from dmmd_jax.training import dmmd_run
+from dmmd_jax.training import setup as setup_lib
+from dmmd_jax.training import state as state_lib
+from dmmd_jax.training import teacher_run
+
 
 assert jax.device_count() == 8, jax.devices()
 MESHES = [(1, 1, 1), (8, 1, 1), (4, 2, 1), (2, 4, 1)]
@@ -40,7 +45,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (4, 2, 1), (2, 4, 1)]
 config = _helpers.make_config("digits", "tiny", **{
     "train.batch_size": 8, "distill.batch_size": 8, "train.warmup_steps": 0,
     "distill.warmup_steps": 0, "model.num_layers": 1, "model.width": 32})
-base = train.build_setup(config, 8)  # mesh data=-1: all 8 devices
+base = setup_lib.build_setup(config, 8)  # mesh data=-1: all 8 devices
 rows = np.asarray(base.train_tokens[:16])
 host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -50,9 +55,9 @@ def run(shape):
   setup = dataclasses.replace(base, mesh=mesh)
   sharding.check_divisibility(mesh, 8, setup.model_cfg.width)
   out = {}
-  with sharding.rules_context(mesh):
-    optimizer = train.teacher_optimizer(config)
-    state, shardings = train.init_teacher_state(setup, optimizer)
+  with sharding.rules_context():
+    optimizer = teacher_run.teacher_optimizer(config)
+    state, shardings = teacher_run.init_teacher_state(setup, optimizer)
     kernel = state.params["block_0"]["mlp_in"]["kernel"]
     out["spec"] = [str(a) for a in kernel.sharding.spec]
     out["shard_shape"] = list(kernel.addressable_shards[0].data.shape)
@@ -60,17 +65,18 @@ def run(shape):
         state.params["embed"]["embedding"].addressable_shards[0].data.shape)
     out["init"] = host(state.params)
     teacher = jax.tree.map(jnp.copy, state.params)
-    step = train.compile_teacher_step(setup, optimizer, shardings)
+    step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
     state, metrics = step(state, sharding.global_batch(rows[:8], mesh))
     out["teacher_metrics"] = host(metrics)
     out["teacher_params"] = host(state.params)
 
-    student_opt, aux_opt = distill.distill_optimizers(config)
-    dstate = distill.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
+    student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+    dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
                                         config.distill.noise_init_scale)
-    cfg = distill.DistillConfig.from_config(config)
-    student_update, aux_update = distill.compile_updates(
-        setup, cfg, student_opt, aux_opt, train.shardings_of(dstate), train.shardings_of(teacher))
+    cfg = setup_lib.estimator_config_of(config)
+    student_update, aux_update = dmmd_run.compile_updates(
+        setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
+        state_lib.shardings_of(teacher))
     aux_metrics, student_metrics = {}, {}
     if with_distill:
       dstate, aux_metrics = aux_update(dstate, teacher, sharding.global_batch(rows[:8], mesh))

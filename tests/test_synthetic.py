@@ -8,8 +8,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from dmmd_jax import config_lib, synthetic
-from dmmd_jax import data as data_lib
+from dmmd_jax import config_lib
+from dmmd_jax.data import sources, synthetic
+from dmmd_jax.data import types as data_types
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = synthetic.SyntheticSource(vocab_size=3, seq_len=6, seed=2, concentration=0.5)
@@ -85,7 +86,7 @@ def test_exact_nll_counts_only_valid_samples():
 
 @pytest.mark.parametrize("bad", [np.full((2, 6), 3), np.zeros((2, 5), int), np.zeros(6, int)])
 def test_bad_tokens_are_rejected(bad):
-  with pytest.raises(synthetic.SyntheticError):
+  with pytest.raises(data_types.DataError):
     synthetic.log_likelihood(SOURCE, bad)
 
 
@@ -102,7 +103,7 @@ def test_dataset_file_round_trip(tmp_path):
   side = json.loads(synthetic.sidecar_path(path).read_text())
   assert side["source"] == SOURCE.to_json() and side["num_examples"] == 200
   cfg = dict(source="npy", path=str(path), vocab_size=3, seq_len=0, eval_fraction=0.1)
-  train, evals, info = data_lib.load_dataset(cfg)
+  train, evals, info = sources.load_dataset(cfg)
   assert (len(train), len(evals), info.vocab_size, info.seq_len) == (180, 20, 3, 6)
   assert synthetic.copy_rate(np.concatenate([train, evals])).rate == 1.0
   assert synthetic.source_for_data_config(cfg) == SOURCE
@@ -114,10 +115,10 @@ def test_dataset_file_round_trip(tmp_path):
 def test_data_source_synthetic_samples_the_configured_source():
   cfg = dict(source="synthetic", vocab_size=5, seq_len=8, max_examples=100, eval_fraction=0.2,
              synthetic_seed=3)
-  train, evals, info = data_lib.load_dataset(cfg)
+  train, evals, info = sources.load_dataset(cfg)
   assert train.shape == (80, 8) and evals.shape == (20, 8) and info.vocab_size == 5
   assert synthetic.source_for_data_config(cfg) == synthetic.SyntheticSource(5, 8, seed=3)
-  with pytest.raises(data_lib.DataError):
+  with pytest.raises(data_types.DataError):
     synthetic.load_dataset(dict(cfg, seq_len=7))
 
 
@@ -144,7 +145,7 @@ def test_config_writes_its_data_and_accepts_options(tmp_path, monkeypatch):
   monkeypatch.setenv("DMMD_JAX_CACHE", str(tmp_path))
   config = _config_module().get_config("tiny,vocab=5,length=10,examples=300")
   assert config.data.source == "npy" and config.data.path.startswith(str(tmp_path))
-  train, evals, info = data_lib.load_dataset(config.data)
+  train, evals, info = sources.load_dataset(config.data)
   assert (info.vocab_size, info.seq_len, len(train) + len(evals)) == (5, 10, 300)
   assert synthetic.source_for_data_config(config.data) == synthetic.SyntheticSource(5, 10)
   config_lib.validate(config)

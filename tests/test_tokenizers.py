@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from dmmd_jax import tokenizers
+from dmmd_jax.data import tokenizers
 
 # A mix of contractions, runs of whitespace, digits, punctuation, accents, CJK and emoji.
 TRICKY = (

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import config_lib, train
-from dmmd_jax import data as data_lib
-from dmmd_jax import workdir as workdir_lib
+from dmmd_jax import config_lib
+from dmmd_jax.data import types as data_types
+from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.training import feature_net_run, loop, teacher_run
 
 
 def digits_config(**overrides):
@@ -35,7 +35,7 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
   are identical for every step, and so are the final parameters and EMA parameters."""
   overrides = {"kernel.kind": kind}
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  result = train.train_teacher(_helpers.fast_digits(**overrides), straight)
+  result = teacher_run.train_teacher(_helpers.fast_digits(**overrides), straight)
 
   save = workdir_lib.save_checkpoint
 
@@ -46,10 +46,10 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
 
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
   with pytest.raises(Interrupted):
-    train.train_teacher(_helpers.fast_digits(**overrides), resumed)
+    teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed)
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
-  assert train.train_teacher(_helpers.fast_digits(**overrides), resumed) == result
+  assert teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed) == result
 
   rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
   rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))
@@ -67,7 +67,7 @@ def test_teacher_learns_digits(tmp_path):
   config = digits_config(**{**_helpers.quiet_schedule("train", 60, log_every=5),
                             "train.eval_every": 10, "train.ema_decay": 0.9,
                             "train.learning_rate": 3e-3, "train.batch_size": 32})
-  result = train.train_teacher(config, str(tmp_path))
+  result = teacher_run.train_teacher(config, str(tmp_path))
   rows = _helpers.read_metrics(tmp_path)
   losses = [r["loss_bpt"] for r in rows if "loss_bpt" in r]
   evals = [r["eval_bpt"] for r in rows if "eval_bpt" in r]
@@ -92,7 +92,7 @@ def test_teacher_learns_digits(tmp_path):
 def test_non_positive_sizes_fail_before_anything_is_written(tmp_path, override, key):
   workdir = tmp_path / "run"
   with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")) as info:
-    train.train_teacher(digits_config(**override), str(workdir))
+    teacher_run.train_teacher(digits_config(**override), str(workdir))
   assert "\n" not in str(info.value)
   assert not workdir.exists()
 
@@ -102,8 +102,8 @@ def test_out_of_vocabulary_npy_tokens_fail_before_anything_is_written(tmp_path):
   np.save(tmp_path / "tokens.npy", tokens)
   config = _helpers.make_config("npy_tokens", **{"data.path": str(tmp_path / "tokens.npy"),
                                                  "data.vocab_size": 4})
-  with pytest.raises(data_lib.DataError, match=r"outside \[0, vocab_size=4\)"):
-    train.train_teacher(config, str(tmp_path / "run"))
+  with pytest.raises(data_types.DataError, match=r"outside \[0, vocab_size=4\)"):
+    teacher_run.train_teacher(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
@@ -115,21 +115,21 @@ def test_missing_data_path_fails_before_anything_is_written(tmp_path, config_nam
     config.data.source = "text_file"
   else:
     config = _helpers.make_config("npy_tokens", **overrides)
-  with pytest.raises(data_lib.DataError, match="no file at path"):
-    train.train_teacher(config, str(tmp_path / "run"))
+  with pytest.raises(data_types.DataError, match="no file at path"):
+    teacher_run.train_teacher(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_workdir_of_a_different_run_is_refused_and_left_alone(tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_teacher(_helpers.fast_digits(), workdir)
+  teacher_run.train_teacher(_helpers.fast_digits(), workdir)
   before = {name: (tmp_path / "run" / name).read_text() for name in ("config.json", "run.json",
                                                                      "metrics.jsonl")}
   for override, key in [({"model.width": 32}, "model.width"),
                         ({"kernel.kind": "uniform"}, "kernel.kind"),
                         ({"data.levels": 8}, "data.levels")]:
     with pytest.raises(workdir_lib.WorkdirError, match=key.replace(".", r"\.")):
-      train.train_teacher(_helpers.fast_digits(**override), workdir)
+      teacher_run.train_teacher(_helpers.fast_digits(**override), workdir)
   after = {name: (tmp_path / "run" / name).read_text() for name in before}
   assert after == before
   assert json.loads(after["config.json"])["model"]["width"] == 64
@@ -152,7 +152,7 @@ def _check_nan_stop(workdir, info):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """A loss that turns NaN at step 6 (injected into the compiled step's metrics): TrainingError
   names loss_bpt and step 6, nothing is logged for it, and checkpoint 5 is on disk and loads."""
-  compile_teacher_step = train.compile_teacher_step
+  compile_teacher_step = teacher_run.compile_teacher_step
 
   def poisoned(*args, **kwargs):
     step_fn, calls = compile_teacher_step(*args, **kwargs), [0]
@@ -164,11 +164,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
     return run
 
-  monkeypatch.setattr(train, "compile_teacher_step", poisoned)
+  monkeypatch.setattr(feature_net_run.train, "compile_teacher_step", poisoned)
   workdir = tmp_path / "run"
   config = _helpers.fast_digits(**{"train.checkpoint_every": 1})
-  with pytest.raises(train.TrainingError, match="loss_bpt became nan at step 6") as info:
-    train.train_teacher(config, str(workdir))
+  with pytest.raises(loop.TrainingError, match="loss_bpt became nan at step 6") as info:
+    teacher_run.train_teacher(config, str(workdir))
   assert _check_nan_stop(workdir, info) == 6
 
 
@@ -178,8 +178,8 @@ def test_diverging_learning_rate_stops_with_a_nan_loss(tmp_path):
   workdir = tmp_path / "run"
   config = digits_config(**_helpers.quiet_schedule("train", 20, checkpoint_every=1),
                          **{"train.learning_rate": 1e30, "train.warmup_steps": 0})
-  with pytest.raises(train.TrainingError, match=r"loss_bpt became nan at step \d+") as info:
-    train.train_teacher(config, str(workdir))
+  with pytest.raises(loop.TrainingError, match=r"loss_bpt became nan at step \d+") as info:
+    teacher_run.train_teacher(config, str(workdir))
   _check_nan_stop(workdir, info)
 
 
@@ -200,7 +200,7 @@ def test_unknown_config_key_is_a_one_line_flag_error(tmp_path):
 
 def test_checkpoints_keep_only_the_newest(tmp_path):
   config = _helpers.fast_digits(**{"train.checkpoint_every": 1, "train.keep_checkpoints": 2})
-  train.train_teacher(config, str(tmp_path))
+  teacher_run.train_teacher(config, str(tmp_path))
   kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
   assert kept == [7, 8]
 
@@ -209,7 +209,7 @@ def test_a_non_finite_gradient_norm_stops_training_even_when_the_loss_is_finite(
   """Hard top-p gives a finite but huge generator loss (≈ 4e29) with an infinite gradient norm;
   that must stop the run like a NaN loss does."""
   diverged = [{"gen_loss": 3.9e29, "student_grad_norm": np.inf}]
-  with pytest.raises(train.TrainingError, match="student_grad_norm became inf at step 7"):
-    train._check_and_average(diverged, 7)
+  with pytest.raises(loop.TrainingError, match="student_grad_norm became inf at step 7"):
+    loop._check_and_average(diverged, 7)
   fine = [{"loss": 1.0, "grad_norm": 2.0}, {"loss": 3.0, "grad_norm": 4.0}]
-  assert train._check_and_average(fine, 0) == {"grad_norm": 3.0, "loss": 2.0}
+  assert loop._check_and_average(fine, 0) == {"grad_norm": 3.0, "loss": 2.0}

@@ -1,0 +1,240 @@
+"""The denoiser x̂_θ(z_t, t, ε): a bidirectional Transformer with adaLN time conditioning.
+
+Pre-norm blocks (DiT-style adaLN-Zero: the time embedding produces shift/scale/gate per block),
+rotary positions, optional bf16 compute with float32 parameters, and an optional per-position
+Gaussian noise input ε — the D-MMD student's extra randomness — added to the token embeddings
+through a zero-initialised linear projection (so a student copied from a teacher starts equal to
+it). For images the noise is a multi-resolution pyramid (`sample_noise`).
+
+Flax linen, because every network here is used as a pure function of a parameter pytree: teacher,
+student and auxiliary are three pytrees over one `apply`. Parameters carry logical axis names
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `cond`) that `sharding.py` maps onto a device mesh.
+
+Masked parametrisation (MDLM/MD4) lives in `apply`: the output covers the K data tokens only (MASK
+is never predicted) and positions whose input is not MASK copy their token through.
+"""
+
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmmd_jax import config_lib
+from dmmd_jax.diffusion import forward_process
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserConfig:
+  """Static description of the network (hashable, so usable as a jit static argument)."""
+
+  vocab_size: int  # K data tokens (output classes)
+  input_vocab_size: int  # K + 1 for masked, K for uniform
+  seq_len: int
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  cond_dim: int = 128  # width of the time-conditioning vector feeding adaLN
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  time_conditioning: bool = True
+  mask_id: int = -1  # >= 0: masked parametrisation (copy-through, MASK never predicted)
+  noise_kind: str = "none"
+  noise_dim: int = 0  # features per position fed to the noise projection
+  image_shape: tuple = ()  # (H, W, C) for the pyramid
+  pyramid_levels: int = 3
+  attention_impl: str = "xla"  # or "cudnn" on NVIDIA GPUs
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def rotary(x, positions):
+  """Rotary position embedding. x `[batch, length, heads, head_dim]`, positions `[length]`."""
+  half = x.shape[-1] // 2
+  freqs = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # [length, half]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def timestep_embedding(t, dim: int):
+  """Sinusoidal features of 1000·t: `[batch]` → `[batch, dim]`."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _dense(features, axes, name, dtype, zero=False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def _modulate(x, shift, scale):
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block with adaLN-Zero modulation from the conditioning vector."""
+
+  cfg: DenoiserConfig
+
+  @nn.compact
+  def __call__(self, x, cond, positions):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    mods = _dense(6 * cfg.width, ("cond", "embed"), "adaln", dt, zero=True)(cond)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
+    norm = functools.partial(nn.LayerNorm, use_scale=False, use_bias=False, dtype=dt)
+
+    h = _modulate(norm(name="norm1")(x), shift1, scale1)
+    head_dim = cfg.width // cfg.num_heads
+    qkv = nn.DenseGeneral(
+        (3, cfg.num_heads, head_dim), dtype=dt, param_dtype=jnp.float32, name="qkv",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("embed", None, "heads", "kv")),
+        use_bias=False)(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = rotary(q, positions), rotary(k, positions)
+    attn = jax.nn.dot_product_attention(q, k, v, implementation=_attention_impl(cfg))
+    attn = nn.DenseGeneral(
+        cfg.width, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, name="attn_out",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        use_bias=False)(attn)
+    x = x + gate1[:, None, :] * attn
+
+    h = _modulate(norm(name="norm2")(x), shift2, scale2)
+    h = _dense(cfg.mlp_ratio * cfg.width, ("embed", "mlp"), "mlp_in", dt)(h)
+    h = _dense(cfg.width, ("mlp", "embed"), "mlp_out", dt)(nn.gelu(h))
+    x = x + gate2[:, None, :] * h
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+def _attention_impl(cfg):
+  return None if cfg.attention_impl == "xla" else cfg.attention_impl
+
+
+class Transformer(nn.Module):
+  """tokens `[batch, length]` int, t `[batch]`, noise `[batch, length, noise_dim]` or None →
+  raw logits `[batch, length, vocab]` (float32)."""
+
+  cfg: DenoiserConfig
+
+  @nn.compact
+  def __call__(self, tokens, t, noise=None):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    emb = nn.Embed(
+        cfg.input_vocab_size, cfg.width, param_dtype=jnp.float32, name="embed",
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+    x = emb(tokens).astype(dt)
+    if noise is not None:
+      # init_params always passes noise, so teacher and student share one parameter tree; a
+      # teacher (noise=None) never touches these weights, which stay at their zero init.
+      proj = _dense(cfg.width, ("noise", "embed"), "noise_proj", dt, zero=True)
+      x = x + proj(noise.astype(dt))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+    if not cfg.time_conditioning:
+      t = jnp.zeros_like(t)
+    cond = timestep_embedding(t, cfg.width)
+    cond = _dense(cfg.width, ("cond", "embed"), "time_in", dt)(cond)
+    cond = nn.silu(_dense(cfg.cond_dim, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
+
+    positions = jnp.arange(tokens.shape[1])
+    for i in range(cfg.num_layers):
+      x = Block(cfg, name=f"block_{i}")(x, cond, positions)
+
+    shift, scale = jnp.split(_dense(2 * cfg.width, ("cond", "embed"), "final_adaln", dt,
+                                    zero=True)(cond), 2, axis=-1)
+    x = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, dtype=dt, name="final_norm")(x),
+                  shift, scale)
+    logits = _dense(cfg.vocab_size, ("embed", "vocab"), "logits", dt)(x)
+    return logits.astype(jnp.float32)
+
+
+def init_params(key, cfg: DenoiserConfig):
+  """Boxed (logically partitioned) parameters; `nn.unbox` them or use `sharding.init_sharded`."""
+  tokens = jnp.zeros((1, cfg.seq_len), jnp.int32)
+  noise = jnp.zeros((1, cfg.seq_len, cfg.noise_dim)) if cfg.noise_kind != "none" else None
+  return Transformer(cfg).init(key, tokens, jnp.zeros((1,)), noise)["params"]
+
+
+def apply(params, tokens, t, noise=None, *, cfg: DenoiserConfig):
+  """Denoiser logits `[batch, length, K]` with the masked parametrisation applied.
+
+  tokens: int `[batch, length]` in [0, input_vocab_size); t: `[batch]`; noise:
+  `[batch, length, noise_dim]` or None.
+  """
+  logits = Transformer(cfg).apply({"params": params}, tokens, t, noise)
+  if cfg.mask_id >= 0:
+    copied = forward_process.log_one_hot(jnp.minimum(tokens, cfg.vocab_size - 1), cfg.vocab_size)
+    logits = jnp.where((tokens == cfg.mask_id)[..., None], logits, copied)
+  return logits
+
+
+def sample_noise(key, cfg: DenoiserConfig, batch_size: int):
+  """Fresh student noise ε `[batch, length, noise_dim]` (None when the config has no noise input).
+
+  projection: i.i.d. N(0, 1) per position and feature.
+  pyramid: images (H, W, C) flattened row-major; `noise_dim` features split evenly over
+    `pyramid_levels` resolutions H/2^l × W/2^l (nearest-upsampled), so neighbouring pixels share
+    coarse noise — the multi-resolution input the paper uses for image students.
+  """
+  if cfg.noise_kind == "none":
+    return None
+  if cfg.noise_kind == "projection":
+    return jax.random.normal(key, (batch_size, cfg.seq_len, cfg.noise_dim))
+  h, w, c = cfg.image_shape
+  per_level = cfg.noise_dim // cfg.pyramid_levels
+  levels = []
+  for level, k in enumerate(jax.random.split(key, cfg.pyramid_levels)):
+    f = 2**level
+    coarse = jax.random.normal(k, (batch_size, -(-h // f), -(-w // f), per_level))
+    fine = jnp.repeat(jnp.repeat(coarse, f, axis=1), f, axis=2)[:, :h, :w]
+    levels.append(jnp.broadcast_to(fine[:, :, :, None, :], (batch_size, h, w, c, per_level)))
+  return jnp.concatenate(levels, axis=-1).reshape(batch_size, h * w * c, -1)
+
+
+def validate_config(cfg: DenoiserConfig) -> None:
+  """Raise ValueError with one readable line for impossible settings."""
+  checks = [
+      (cfg.num_layers > 0, f"model.num_layers must be positive, got {cfg.num_layers}"),
+      (cfg.width > 0, f"model.width must be positive, got {cfg.width}"),
+      (cfg.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {cfg.mlp_ratio}"),
+      (cfg.noise_kind != "pyramid" or cfg.pyramid_levels > 0,
+       "model.pyramid_levels must be positive for the pyramid noise"),
+      (cfg.noise_kind != "pyramid" or len(cfg.image_shape) != 3
+       or math.prod(cfg.image_shape) == cfg.seq_len,
+       f"image shape {cfg.image_shape} does not match sequence length {cfg.seq_len}"),
+      (cfg.num_heads > 0 and cfg.width % cfg.num_heads == 0,
+       f"model.width ({cfg.width}) must be a positive multiple of model.num_heads "
+       f"({cfg.num_heads})"),
+      ((cfg.width // max(cfg.num_heads, 1)) % 2 == 0,
+       "model.width / model.num_heads must be even (rotary embedding)"),
+      (cfg.cond_dim > 0, f"model.cond_dim must be positive, got {cfg.cond_dim}"),
+      (cfg.seq_len > 0, f"sequence length must be positive, got {cfg.seq_len}"),
+      (cfg.noise_kind in config_lib.NOISE_KINDS,
+       f"model.noise_kind must be one of {config_lib.NOISE_KINDS}"),
+      (cfg.noise_kind == "none" or cfg.noise_dim > 0,
+       "model.noise_dim must be positive when model.noise_kind is not 'none'"),
+      (cfg.noise_kind != "pyramid" or len(cfg.image_shape) == 3,
+       "model.noise_kind='pyramid' needs image data (H, W, C)"),
+      (cfg.noise_kind != "pyramid" or cfg.noise_dim % max(cfg.pyramid_levels, 1) == 0,
+       "model.noise_dim must be divisible by model.pyramid_levels"),
+      (cfg.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
+      (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl must be 'xla' or 'cudnn'"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)

@@ -1,0 +1,248 @@
+"""D-MMD student training: state, alternating student/auxiliary updates, `distill`, a whole run.
+
+The estimator and its losses are in `distill/dmmd.py`; this module owns the three parameter
+pytrees' training: the student and the auxiliary start as copies of the teacher's EMA parameters,
+updates alternate (`aux_updates_per_student` auxiliary updates, then one student update; whose
+turn it is follows from the update's index, which equals `state.step`), and the student's EMA is
+what `experiments/sample.py` samples.
+"""
+
+import functools
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dmmd_jax import config_lib
+from dmmd_jax.diffusion import sampling
+from dmmd_jax.distill import dmmd
+from dmmd_jax.evaluation import metrics
+from dmmd_jax.infra import sharding
+from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.models import denoiser
+from dmmd_jax.training import loop
+from dmmd_jax.training import setup as setup_lib
+from dmmd_jax.training import state as state_lib
+
+
+class DistillError(ValueError):
+  """A distillation run that cannot start as configured."""
+
+
+@flax.struct.dataclass
+class DistillState:
+  step: jax.Array
+  student: dict
+  student_ema: dict
+  aux: dict
+  student_opt: optax.OptState
+  aux_opt: optax.OptState
+
+
+def _update(loss_name, which, state, teacher, x, *, estimator, optimizer, ema_decay, seed):
+  """One optimizer step of `which` ∈ {student, aux} on `loss_name`; returns (state, metrics)."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss_fn(params):
+    student = params if which == "student" else state.student
+    aux = params if which == "aux" else state.aux
+    metrics = estimator(student, aux, teacher, x, key)
+    return metrics[loss_name], metrics
+
+  params, opt_state = (state.student, state.student_opt) if which == "student" else (
+      state.aux, state.aux_opt)
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if which == "student":
+    state = state.replace(student=params, student_opt=opt_state,
+                          student_ema=state_lib.ema_update(state.student_ema, params, ema_decay))
+  else:
+    state = state.replace(aux=params, aux_opt=opt_state)
+  metrics = dict(metrics, **{f"{which}_grad_norm": optax.global_norm(grads)})
+  return state.replace(step=state.step + 1), metrics
+
+
+def is_student_turn(step: int, aux_updates_per_student: int) -> bool:
+  """Update number `step` (0-based, = state.step) updates the student every (r + 1)-th time."""
+  return step % (aux_updates_per_student + 1) == aux_updates_per_student
+
+
+def load_teacher(setup, teacher_workdir: str):
+  """Teacher EMA parameters on the mesh, after checking the teacher matches the config."""
+  if not teacher_workdir:
+    raise DistillError("config.distill.teacher_workdir is empty; pass "
+                       "--config.distill.teacher_workdir=TEACHER_DIR.")
+  config_path = os.path.join(teacher_workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise DistillError(f"teacher workdir {teacher_workdir} has no config.json; train a teacher "
+                       "there first (experiments/train_teacher.py).")
+  stored = workdir_lib.read_json(config_path)
+  mismatch = workdir_lib.architecture_mismatch(stored, config_lib.to_dict(setup.config),
+                                               ignore=workdir_lib.STUDENT_FREE_KEYS)
+  if mismatch:
+    raise DistillError(f"teacher at {teacher_workdir} does not match this config ({mismatch}).")
+  info = workdir_lib.load_run_info(teacher_workdir)["data_info"]
+  if (info.vocab_size, info.seq_len) != (setup.info.vocab_size, setup.info.seq_len):
+    raise DistillError(f"teacher vocabulary/length {info.vocab_size}/{info.seq_len} differ from "
+                       f"the data's {setup.info.vocab_size}/{setup.info.seq_len}.")
+  params = workdir_lib.load_params(teacher_workdir, "ema_params")
+  return place_params(params, setup, fresh_noise_projection=True)
+
+
+def place_params(params, setup, fresh_noise_projection: bool = False):
+  """Check host params against the model's shapes and put them on the mesh with its shardings.
+
+  fresh_noise_projection: replace the (unused, teacher-side) noise projection by zeros of this
+  model's noise size, so a student may choose its own noise input.
+  """
+  boxed = jax.eval_shape(functools.partial(denoiser.init_params, cfg=setup.model_cfg),
+                         jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, setup.mesh)
+  expected = jax.tree.map(lambda x: x.shape, flax.linen.unbox(boxed))
+  params = dict(params)
+  if fresh_noise_projection:
+    params.pop("noise_proj", None)
+    if "noise_proj" in expected:
+      params["noise_proj"] = jax.tree.map(lambda shape: np.zeros(shape, np.float32),
+                                          expected["noise_proj"], is_leaf=_is_shape)
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+  if jax.tree.structure(expected, is_leaf=_is_shape) != jax.tree.structure(
+      got, is_leaf=_is_shape) or expected != got:
+    raise DistillError("checkpoint parameters do not match the model config (different layers, "
+                       "width or vocabulary).")
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
+
+
+def student_noise_fn(setup, cfg: dmmd.EstimatorConfig):
+  if not cfg.use_noise or setup.model_cfg.noise_kind == "none":
+    return None
+  return functools.partial(_noise, model_cfg=setup.model_cfg)
+
+
+def _noise(key, batch_size, *, model_cfg):
+  return denoiser.sample_noise(key, model_cfg, batch_size)
+
+
+def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scale: float):
+  """Student, its EMA and the auxiliary start as copies of the teacher (never its optimizer).
+
+  The student's noise projection gets N(0, noise_init_scale² / noise_dim) weights, so the
+  injected noise has per-feature std noise_init_scale (0 gives the paper's exact copy). Why not
+  0 by default: with a zero projection the expected gradient on it is zero too (the student's
+  samples do not depend on ε yet), and the D-MMD loss is unstable towards ε-independent mode
+  collapse, so on the copy task the student collapses to one token before it learns to use its
+  noise (tests/test_distill.py, RESULTS.md). The default 1.0 suits real data (digits: better
+  than 0 and 3 at equal budget); the two-token copy task needs 3.0.
+  """
+  copy = functools.partial(jax.tree.map, jnp.copy)
+  student = copy(teacher)
+  if "noise_proj" in student and noise_init_scale:
+    kernel = student["noise_proj"]["kernel"]
+    scale = noise_init_scale / np.sqrt(kernel.shape[0])
+    student["noise_proj"] = dict(student["noise_proj"], kernel=jax.device_put(
+        scale * jax.random.normal(key, kernel.shape, kernel.dtype), kernel.sharding))
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  return DistillState(step=step, student=student, student_ema=copy(student), aux=copy(teacher),
+                      student_opt=state_lib.init_opt_state(student_opt, student, mesh),
+                      aux_opt=state_lib.init_opt_state(aux_opt, teacher, mesh))
+
+
+def distill_optimizers(config):
+  """(student, auxiliary) optimizers; the student's noise projection may learn faster."""
+  d = config.distill
+  make = functools.partial(state_lib.make_optimizer, warmup_steps=d.warmup_steps,
+                           total_steps=d.num_steps, grad_clip=d.grad_clip)
+  student = make(d.learning_rate)
+  if d.noise_lr_multiplier != 1.0:
+    student = optax.multi_transform(
+        {"default": student, "noise": make(d.learning_rate * d.noise_lr_multiplier)},
+        lambda params: {k: ("noise" if k == "noise_proj" else "default") for k in params})
+  return student, make(d.aux_learning_rate)
+
+
+def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shardings,
+                    teacher_shardings):
+  """The two jitted updates (student, auxiliary), sharded over the batch."""
+  c = setup.config
+  estimator = functools.partial(dmmd.moment_matching_estimator, apply_fn=setup.apply_fn,
+                                kernel=setup.kernel, cfg=cfg,
+                                noise_fn=student_noise_fn(setup, cfg))
+  common = dict(estimator=estimator, ema_decay=c.distill.ema_decay, seed=c.seed)
+  batch = sharding.batch_sharding(setup.mesh)
+  out = (shardings, sharding.replicated(setup.mesh))
+
+  def jit(fn):
+    return jax.jit(fn, in_shardings=(shardings, teacher_shardings, batch), out_shardings=out,
+                   donate_argnums=0)
+
+  student_update = jit(functools.partial(_update, "gen_loss", "student", optimizer=student_opt,
+                                         **common))
+  aux_update = jit(functools.partial(_update, "aux_loss", "aux", optimizer=aux_opt, **common))
+  return student_update, aux_update
+
+
+def sample_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int, key,
+                   **sampler_overrides):
+  """`[num_samples, length]` tokens from a student: k steps, fresh noise each step."""
+  sampler_cfg = setup_lib.sampler_config_of(setup.config, cfg.student_steps, **sampler_overrides)
+  return sampling.sample(key, setup.apply_fn, params, setup.kernel, sampler_cfg, num_samples,
+                         setup.seq_len, noise_fn=student_noise_fn(setup, cfg))
+
+
+def distill_student(config, workdir: str) -> dict:
+  """Distil (or resume distilling) a student from config.distill.teacher_workdir.
+
+  config: an `ExperimentConfig` (or the ConfigDict of a config file, converted here).
+  """
+  config = config_lib.typed(config)
+  d = config.distill
+  setup = setup_lib.build_setup(config, d.batch_size)
+  cfg = setup_lib.estimator_config_of(config)
+  teacher = load_teacher(setup, d.teacher_workdir)
+  workdir_lib.prepare(workdir, config, {"kind": "student", "data_info": setup.info,
+                                        "student_steps": d.student_steps,
+                                        "teacher_workdir": d.teacher_workdir})
+  student_opt, aux_opt = distill_optimizers(config)
+  state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
+                             jax.random.key(config.seed + 1), d.noise_init_scale)
+  shardings = state_lib.shardings_of(state)
+  iterator = loop.data_iterator(setup, d.batch_size, config.seed)
+  manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  state = loop.restore_or_init(manager, state, shardings, iterator)
+  log = workdir_lib.MetricsLog(workdir, int(state.step))
+
+  with sharding.rules_context():
+    student_update, aux_update = compile_updates(setup, cfg, student_opt, aux_opt, shardings,
+                                                 state_lib.shardings_of(teacher))
+
+    def step_fn(state, batch, index):
+      turn = is_student_turn(index, d.aux_updates_per_student)
+      return (student_update if turn else aux_update)(state, teacher, batch)
+
+    def evaluate(state, step):
+      return evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+
+    state = loop.run_loop(
+        state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
+        num_steps=d.num_steps, log_every=d.log_every, checkpoint_every=d.checkpoint_every,
+        mesh=setup.mesh, tokens_per_step=d.batch_size * setup.seq_len,
+        periodic=((d.eval_every, evaluate),), desc=f"distill k={d.student_steps}")
+  log.close()
+  manager.close()
+  return {"step": int(state.step)}
+
+
+def evaluate_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int,
+                     step: int) -> dict:
+  """Kernel MMD² between student samples and held-out data (logged during distillation)."""
+  tokens = sample_student(setup, params, cfg, num_samples, jax.random.key(step))
+  held_out = setup.eval_tokens[:num_samples]
+  return {"mmd2_to_data": float(metrics.mmd2(np.asarray(tokens), held_out))}
