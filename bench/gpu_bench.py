@@ -73,13 +73,13 @@ def load_config(args, attention: str, batch: int):
 
 def synthetic_setup(config, vocab: int, length: int, batch: int):
   """setup.build_setup on uniform random tokens (speed does not depend on the data)."""
-  import numpy as np  # noqa: PLC0415
+  import numpy as np
 
-  from dmmd_jax import config_lib  # noqa: PLC0415
-  from dmmd_jax.data import types as data_types  # noqa: PLC0415
-  from dmmd_jax.infra import sharding  # noqa: PLC0415
-  from dmmd_jax.models import denoiser  # noqa: PLC0415
-  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
+  from dmmd_jax import config_lib
+  from dmmd_jax.data import types as data_types
+  from dmmd_jax.infra import sharding
+  from dmmd_jax.models import denoiser
+  from dmmd_jax.training import setup as setup_lib
 
   config_lib.validate(config)
   info = data_types.DataInfo(kind="text", vocab_size=vocab, seq_len=length)
@@ -102,14 +102,14 @@ def forward_flops(cfg, batch: int) -> float:
 
 
 def param_count(params, skip=("noise_proj",)) -> int:
-  import jax  # noqa: PLC0415
+  import jax
 
   return int(sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
                  if not any(s in jax.tree_util.keystr(path) for s in skip)))
 
 
 def memory_stats():
-  import jax  # noqa: PLC0415
+  import jax
 
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" not in stats:
@@ -124,20 +124,20 @@ def compiled_info(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     out["xla_flops"] = float(cost.get("flops", 0.0))
-  except Exception:  # noqa: BLE001 (not every backend reports it)
+  except Exception:  # not every backend reports it
     pass
   try:
     m = compiled.memory_analysis()
     out["compiled_memory_gib"] = (m.argument_size_in_bytes + m.output_size_in_bytes
                                   + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**30
-  except Exception:  # noqa: BLE001
+  except Exception:
     pass
   return out
 
 
 def timed_steps(fn, state, steps: int, warmup: int):
   """Seconds per call of state → fn(state) = (state, metrics), after `warmup` calls."""
-  import jax  # noqa: PLC0415
+  import jax
 
   for _ in range(warmup):
     state, metrics = fn(state)
@@ -150,8 +150,8 @@ def timed_steps(fn, state, steps: int, warmup: int):
 
 
 def matmul_tflops(n: int, repeats: int = 10) -> float:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
@@ -180,7 +180,7 @@ def train_part(args) -> dict:
   A phase that fails is retried once or twice: at half the batch after an out-of-memory error,
   else with XLA's attention instead of cuDNN's; every failure is kept under "failures".
   """
-  import jax  # noqa: PLC0415
+  import jax
 
   result = {"jax_version": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
@@ -198,7 +198,7 @@ def train_part(args) -> dict:
           report, teacher_params = teacher_phase(setup, config, result, args)
         else:
           report = distill_phase(setup, config, result, teacher_params, args)
-      except Exception as e:  # noqa: BLE001 (reported; the benchmark goes on)
+      except Exception as e:  # reported; the benchmark goes on
         message = " ".join(f"{type(e).__name__}: {e}".split())
         result.setdefault("failures", []).append({"phase": phase, **settings,
                                                   "error": message[:800]})
@@ -219,8 +219,8 @@ def train_part(args) -> dict:
 
 
 def teacher_phase(setup, config, result, args):
-  from dmmd_jax.infra import sharding  # noqa: PLC0415
-  from dmmd_jax.training import teacher_run  # noqa: PLC0415
+  from dmmd_jax.infra import sharding
+  from dmmd_jax.training import teacher_run
 
   cfg, batch_size = setup.model_cfg, setup.config.train.batch_size
   fwd = forward_flops(cfg, batch_size)
@@ -245,15 +245,15 @@ def teacher_phase(setup, config, result, args):
 
 
 def distill_phase(setup, config, result, teacher_params, args):
-  import functools  # noqa: PLC0415
+  import functools
 
-  import jax  # noqa: PLC0415
+  import jax
 
-  from dmmd_jax.infra import sharding  # noqa: PLC0415
-  from dmmd_jax.models import denoiser  # noqa: PLC0415
-  from dmmd_jax.training import dmmd_run  # noqa: PLC0415
-  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
-  from dmmd_jax.training import state as state_lib  # noqa: PLC0415
+  from dmmd_jax.infra import sharding
+  from dmmd_jax.models import denoiser
+  from dmmd_jax.training import dmmd_run
+  from dmmd_jax.training import setup as setup_lib
+  from dmmd_jax.training import state as state_lib
 
   cfg, batch_size = setup.model_cfg, setup.config.distill.batch_size
   fwd, tokens, matmul = forward_flops(cfg, batch_size), batch_size * cfg.seq_len, result[
@@ -296,7 +296,7 @@ def distill_phase(setup, config, result, teacher_params, args):
 
 def profile(fn, state, args) -> str:
   """A jax.profiler trace of 3 calls, as one tar.gz next to --out (for TensorBoard/Perfetto)."""
-  import jax  # noqa: PLC0415
+  import jax
 
   target = pathlib.Path(args.out).with_name("distill_profile.tar.gz")  # one file: $OUT keeps
   # only files at most two folders down, and a trace sits deeper
@@ -316,15 +316,15 @@ def sample_part(args) -> dict:
   One timed call each after an ahead-of-time compile; the same sampler options for all (the
   preset's, with float32 Gumbel noise). A failing run with cuDNN attention is retried with XLA's.
   """
-  import functools  # noqa: PLC0415
+  import functools
 
-  import jax  # noqa: PLC0415
+  import jax
 
-  from dmmd_jax.diffusion import sampling  # noqa: PLC0415
-  from dmmd_jax.infra import sharding  # noqa: PLC0415
-  from dmmd_jax.models import denoiser  # noqa: PLC0415
-  from dmmd_jax.training import dmmd_run  # noqa: PLC0415
-  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
+  from dmmd_jax.diffusion import sampling
+  from dmmd_jax.infra import sharding
+  from dmmd_jax.models import denoiser
+  from dmmd_jax.training import dmmd_run
+  from dmmd_jax.training import setup as setup_lib
 
   n = args.sample_batch
   result = {"sample_batch": n, "float64": False, "runs": {}}
@@ -354,7 +354,7 @@ def sample_part(args) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(compiled(jax.random.key(2), params))
         seconds = time.perf_counter() - start
-      except Exception as e:  # noqa: BLE001 (reported; the benchmark goes on)
+      except Exception as e:  # reported; the benchmark goes on
         message = " ".join(f"{type(e).__name__}: {e}".split())[:800]
         result.setdefault("failures", []).append({"run": name, "attention": attention,
                                                   "error": message})

@@ -32,17 +32,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def child(args) -> dict:
   """Time the library's steps on the devices this process has (run with XLA_FLAGS set)."""
-  from dmmd_jax import cli  # noqa: PLC0415
+  from dmmd_jax import cli
 
   cli.setup_jax()  # compilation cache
-  import importlib.util  # noqa: PLC0415
+  import importlib.util
 
-  import jax  # noqa: PLC0415
+  import jax
 
-  from dmmd_jax.infra import sharding  # noqa: PLC0415
-  from dmmd_jax.training import dmmd_run, teacher_run  # noqa: PLC0415
-  from dmmd_jax.training import setup as setup_lib  # noqa: PLC0415
-  from dmmd_jax.training import state as state_lib  # noqa: PLC0415
+  from dmmd_jax.infra import sharding
+  from dmmd_jax.training import dmmd_run, teacher_run
+  from dmmd_jax.training import setup as setup_lib
+  from dmmd_jax.training import state as state_lib
 
   spec = importlib.util.spec_from_file_location("scaling_config", REPO / args.config)
   module = importlib.util.module_from_spec(spec)
@@ -87,7 +87,7 @@ def child(args) -> dict:
 
 def timed(fn, state, steps: int, warmup: int = 2):
   """Seconds per call of state → fn(state)[0] after warm-up (the first call compiles)."""
-  import jax  # noqa: PLC0415
+  import jax
 
   for _ in range(warmup):
     state = fn(state)[0]

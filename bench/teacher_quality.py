@@ -48,7 +48,7 @@ def run():
     path = render.dump_samples(model.setup.info, samples, os.path.join(out, f"steps_{steps}"))
     print(f"samples at {steps} steps → {path}")
     if model.setup.info.kind == "text":
-      print(teacher_run.data_lib.decode_text(model.setup.info, samples[:1])[0][:300])
+      print(render.decode_text(model.setup.info, samples[:1])[0][:300])
 
 
 def main(argv):

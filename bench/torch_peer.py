@@ -210,12 +210,12 @@ def run(size: dict, modes, matmul_n: int) -> dict:
       "params": param_count(size)}
   try:
     result["matmul_tflops"] = matmul_tflops(device, matmul_n)
-  except Exception as e:  # noqa: BLE001 (a benchmark part that fails is reported, not fatal)
+  except Exception as e:  # a benchmark part that fails is reported, not fatal
     result["matmul_error"] = f"{type(e).__name__}: {e}"[:500]
   for mode in modes:
     try:
       result[mode] = bench_mode(size, mode, device)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       result[mode] = {"error": f"{type(e).__name__}: {e}"[:500]}
     if device.type == "cuda":
       torch.cuda.empty_cache()

@@ -18,7 +18,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dmmd_jax.diffusion import elbo, sampling
-from dmmd_jax.distill import dmmd
 from dmmd_jax.infra import sharding
 from dmmd_jax.training import dmmd_run, teacher_run
 from dmmd_jax.training import setup as setup_lib
@@ -80,7 +79,7 @@ def main(argv):
     print(f"bare-JAX step  {bare_s * 1e3:8.1f} ms  {tokens / bare_s:10.0f} tokens/s")
     print(f"library / bare throughput ratio: {bare_s / lib_s:.3f} (goal >= 0.9)")
 
-    cfg = dmmd.DistillConfig.from_config(config)
+    cfg = setup_lib.estimator_config_of(config)
     student_opt, aux_opt = dmmd_run.distill_optimizers(config)
     dstate = dmmd_run.init_distill_state(state.ema_params, student_opt, aux_opt, setup.mesh,
                                         jax.random.key(1), config.distill.noise_init_scale)

@@ -29,8 +29,6 @@ SCHEDULES = ("linear", "cosine")
 TIME_GRIDS = ("uniform", "cosine")
 TOP_P_MODES = ("hard", "soft")
 NOISE_KINDS = ("none", "projection", "pyramid")
-DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn")
 POSITIONS = ("learned", "rotary")
 
 
@@ -389,7 +387,11 @@ def validate_data(data: DataConfig) -> None:
 
 
 def validate(config) -> None:
-  """Check every value that can be checked without data; raise ConfigError (one line)."""
+  """Check every value that can be checked without data; raise ConfigError (one line).
+
+  The model section is checked once, by `models.denoiser.validate_config` (in
+  `training.setup.build_setup`), where the data's length and image shape are known too.
+  """
   config = typed(config)
   validate_data(config.data)
   _check(config.data.eval_fraction > 0.0,
@@ -397,12 +399,8 @@ def validate(config) -> None:
   _check_choice(config.kernel.kind, KERNEL_KINDS, "kernel.kind")
   _check_choice(config.kernel.schedule, SCHEDULES, "kernel.schedule")
   _check_choice(config.sample.grid, TIME_GRIDS, "sample.grid")
-  _check_choice(config.model.noise_kind, NOISE_KINDS, "model.noise_kind")
-  _check_choice(config.model.dtype, DTYPES, "model.dtype")
-  _check_choice(config.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
   _check_choice(config.distill.top_p_mode, TOP_P_MODES, "distill.top_p_mode")
   _check_signs(config, positive=(
-      "model.num_layers", "model.width", "model.num_heads", "model.mlp_ratio", "model.cond_dim",
       "train.batch_size", "train.num_steps", "train.learning_rate", "train.log_every",
       "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
       "train.uniform_elbo_steps", "sample.steps", "sample.temperature",
@@ -412,7 +410,7 @@ def validate(config) -> None:
       "distill.checkpoint_every", "distill.teacher_temperature",
       "distill.noise_lr_multiplier"), non_negative=(
       "train.warmup_steps", "train.eval_every", "train.sample_every", "distill.warmup_steps",
-      "distill.eval_every", "distill.noise_init_scale", "model.noise_dim"))
+      "distill.eval_every", "distill.noise_init_scale"))
   _check(0.0 < config.sample.top_p <= 1.0,
          f"config.sample.top_p must be in (0, 1], got {config.sample.top_p}.")
   _check(0.0 <= config.train.ema_decay < 1.0 and 0.0 <= config.distill.ema_decay < 1.0,
@@ -425,6 +423,4 @@ def validate(config) -> None:
   _check(not config.distill.soft_targets or config.kernel.kind == "masked",
          "distill.soft_targets is defined for the masked kernel only.")
   _check(config.distill.posterior_gap < 1.0, "distill.posterior_gap must be in (0, 1).")
-  _check(config.model.width % config.model.num_heads == 0,
-         f"model.width ({config.model.width}) must be a multiple of model.num_heads "
-         f"({config.model.num_heads}).")
+

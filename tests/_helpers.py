@@ -137,3 +137,7 @@ def frequencies(tokens: np.ndarray, vocab: int = 2) -> np.ndarray:
 def tree_max_abs_diff(a, b) -> float:
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
   return max(jax.tree.leaves(diffs), default=0.0)
+
+
+class Interrupted(Exception):
+  """Stands for a killed process (raised right after the checkpoint a test stops at)."""

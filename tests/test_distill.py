@@ -140,7 +140,7 @@ def safe_log_np(p):
 
 
 def dcfg(**kw):
-  return dmmd.DistillConfig(student_steps=1, posterior_gap=GAP, **kw)
+  return dmmd.EstimatorConfig(student_steps=1, posterior_gap=GAP, **kw)
 
 
 moment_losses = jax.jit(dmmd.moment_losses, static_argnames=("kernel", "cfg"))
@@ -199,7 +199,7 @@ def test_fixed_point_student_gradient_is_exactly_zero(kernel):
   """Student = teacher = auxiliary: the log-ratio is 0 everywhere, so gen_loss and its gradient
   are exactly 0 (with the noise input for masked students); moving the auxiliary breaks it."""
   model_cfg, params, noise_fn = tiny_model(kernel, noise=kernel.is_masked)
-  cfg = dmmd.DistillConfig(student_steps=2, samples_per_z=2 if kernel.is_masked else 1,
+  cfg = dmmd.EstimatorConfig(student_steps=2, samples_per_z=2 if kernel.is_masked else 1,
                               use_noise=kernel.is_masked)
   estimator = functools.partial(
       dmmd.moment_matching_estimator, apply_fn=functools.partial(denoiser.apply, cfg=model_cfg),
@@ -706,10 +706,6 @@ def student_config(teacher, **overrides):
   return _helpers.fast_digits(**{"distill.teacher_workdir": teacher, **overrides})
 
 
-class Interrupted(Exception):
-  """Stands for a killed process."""
-
-
 def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   """8 updates in one go vs. killed right after the step-4 checkpoint and restarted with the same
   call: identical metrics rows (all steps) and identical final student / auxiliary parameters."""
@@ -722,10 +718,10 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   def save_then_die(manager, step, state, data_state):
     save(manager, step, state, data_state)
     manager.wait_until_finished()
-    raise Interrupted(step)
+    raise _helpers.Interrupted(step)
 
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
-  with pytest.raises(Interrupted):
+  with pytest.raises(_helpers.Interrupted):
     dmmd_run.distill_student(student_config(small_teacher, **overrides), resumed)
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
@@ -853,7 +849,7 @@ def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(small_te
 
     return tuple(map(wrap, compile_updates(*args, **kwargs)))
 
-  monkeypatch.setattr(dmmd_run.distill, "compile_updates", poisoned)
+  monkeypatch.setattr(dmmd_run, "compile_updates", poisoned)
   workdir = tmp_path / "student"
   config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 8, log_every=1,
                                                                    checkpoint_every=1))

@@ -35,8 +35,8 @@ class StandIn:
     self.workdir, self.kind, self.setup, self.student_steps = workdir, kind, setup, student_steps
     self.calls = []
 
-  def sample(self, num_samples, steps=None, seed=0, batch_size=None):
-    self.calls.append((num_samples, steps, seed))
+  def sample(self, num_samples, steps=None, seed=0, batch_size=None, on_chunk=None):
+    self.calls.append((num_samples, steps, seed, batch_size))
     rng = np.random.default_rng([seed, steps])
     tokens = synthetic.sample(SOURCE, num_samples, seed=int(rng.integers(1 << 30)))
     broken = rng.random(num_samples) < 1.0 / steps
@@ -180,8 +180,8 @@ def test_evaluate_with_stand_in_models():
       ("k4", "student", 4), ("k4", "student", 16),
       ("c/teacher", "teacher", 2), ("c/teacher", "teacher", 4), ("c/teacher", "teacher", 16)]
   assert seen == [(r.model, r.steps) for r in rows[2:]] and len(lines) == len(rows) - 1
-  # Two chunks of at most 64 with their own seeds.
-  assert teacher.calls[:2] == [(64, 2, 0), (36, 2, 1_000_003)]
+  # One call per (model, steps); the model draws in chunks of batch_size (trained_model.Model).
+  assert teacher.calls[:2] == [(100, 2, 0, 64), (100, 4, 0, 64)]
   by = {(r.model, r.steps): r.metrics for r in rows}
   assert by[("data (held-out)", 0)]["copy_rate"] == 1.0
   rates = [by[("a/teacher", s)]["copy_rate"] for s in (2, 4, 16)]

@@ -9,7 +9,7 @@
 
 This file is also the worker: `python tests/test_multihost.py ROOT STOP_AT teacher[,student] MESH`
 runs the teacher (and the distillation) under the multi-host settings in the environment (see
-dmmd_jax/distributed.py); MESH is "data,fsdp,tensor".
+dmmd_jax/infra/distributed.py); MESH is "data,fsdp,tensor".
 """
 
 import json
@@ -49,14 +49,14 @@ class Interrupted(Exception):
 def run_worker(root: str, stop_at: int, phases: str, mesh: str) -> None:
   """Teacher (then distillation) in `root`; with stop_at > 0 each stops after that checkpoint and
   is resumed by calling it again (same processes, new checkpoint manager, restore from disk)."""
-  from dmmd_jax import cli  # noqa: PLC0415 (jax.distributed must start before other JAX use)
+  from dmmd_jax import cli  # jax.distributed must start before other JAX use
 
   cli.setup_jax()
-  import jax  # noqa: PLC0415
+  import jax
 
-  from configs import digits  # noqa: PLC0415
-  from dmmd_jax import distill, train  # noqa: PLC0415
-  from dmmd_jax import workdir as workdir_lib  # noqa: PLC0415
+  from configs import digits
+  from dmmd_jax.infra import workdir as workdir_lib
+  from dmmd_jax.training import dmmd_run, teacher_run
 
   config = digits.get_config("tiny")
   config.unlock()
@@ -77,7 +77,7 @@ def run_worker(root: str, stop_at: int, phases: str, mesh: str) -> None:
       raise Interrupted
 
   workdir_lib.save_checkpoint = save_then_stop
-  runs = {"teacher": train.train_teacher, "student": distill.distill}
+  runs = {"teacher": teacher_run.train_teacher, "student": dmmd_run.distill_student}
   for fn, workdir in [(runs[p], f"{root}/{p}") for p in phases.split(",")]:
     try:
       fn(config, workdir)
@@ -94,7 +94,7 @@ def run_worker(root: str, stop_at: int, phases: str, mesh: str) -> None:
 
 def free_port() -> int:
   try:
-    import portpicker  # noqa: PLC0415
+    import portpicker
 
     return portpicker.pick_unused_port()
   except ImportError:
@@ -176,7 +176,7 @@ def metrics(workdir) -> dict:
 
 
 def flat(tree) -> dict:
-  import jax  # noqa: PLC0415
+  import jax
 
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
           jax.tree_util.tree_leaves_with_path(tree)}
@@ -202,7 +202,7 @@ def run_pair_and_reference(tmp_path, phases: str):
 
 def assert_same_run(multi, single, run, loss_keys, param_names):
   """Same logged losses at every step and same final parameters (float tolerance)."""
-  from dmmd_jax import workdir as workdir_lib  # noqa: PLC0415
+  from dmmd_jax.infra import workdir as workdir_lib
 
   got, want = metrics(multi / run), metrics(single / run)
   assert sorted(got) == sorted(want) and {1, 2, 3, 4} <= set(got), (sorted(got), sorted(want))
@@ -228,7 +228,7 @@ def test_two_processes_teacher_steps_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_distillation_matches_one_process(tmp_path):
-  from dmmd_jax import workdir as workdir_lib  # noqa: PLC0415
+  from dmmd_jax.infra import workdir as workdir_lib
 
   multi, single = run_pair_and_reference(tmp_path, "teacher,student")
   assert_same_run(multi, single, "teacher", ("loss_bpt",), ("ema_params",))

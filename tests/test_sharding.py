@@ -32,7 +32,7 @@ sys.path.insert(0, tests_dir)
 import _helpers
 from dmmd_jax.distill import dmmd
 from dmmd_jax.infra import sharding
-from dmmd_jax.training import dmmd_run
+from dmmd_jax.training import dmmd_run, sdtt_run
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import state as state_lib
 from dmmd_jax.training import teacher_run
@@ -85,6 +85,16 @@ def run(shape):
                                                sharding.global_batch(rows[8:16], mesh))
     out["aux_metrics"] = host(aux_metrics)
     out["student_metrics"] = host(student_metrics)
+    sdtt_metrics = {}
+    if with_distill:  # the SDTT baseline: a new round (optimizer state re-born sharded), one update
+      sdtt_opt = sdtt_run.sdtt_optimizer(config)
+      sstate = sdtt_run.init_sdtt_state(teacher, sdtt_opt, mesh)
+      sstate = sdtt_run.start_round(sstate, sdtt_opt, mesh)
+      sdtt_update = sdtt_run.compile_update(setup, sdtt_opt, state_lib.shardings_of(sstate))
+      sstate, sdtt_metrics = sdtt_update(sstate, sharding.global_batch(rows[:8], mesh),
+                                         np.int32(8))
+      out["sdtt_student"] = host(sstate.student)
+    out["sdtt_metrics"] = host(sdtt_metrics)
     out["aux"], out["student"] = host(dstate.aux), host(dstate.student)
     out["student_noise_shard_shape"] = list(
         dstate.student["block_0"]["qkv"]["kernel"].addressable_shards[0].data.shape)
@@ -113,10 +123,14 @@ for shape, got in results.items():
       student=max_diff(got["student"], ref["student"]),
       aux_metrics=rel_metric_diff(got["aux_metrics"], ref["aux_metrics"]),
       student_metrics=rel_metric_diff(got["student_metrics"], ref["student_metrics"]),
+      sdtt_student=max_diff(got.get("sdtt_student", {}), ref.get("sdtt_student", {})),
+      sdtt_metrics=rel_metric_diff(got["sdtt_metrics"], ref["sdtt_metrics"]),
       moved=dict(teacher=max_diff(got["teacher_params"], got["init"]),
                  aux=max_diff(got["aux"], got["init"]) if with_distill else None,
                  student=max_diff({k: v for k, v in got["student"].items() if k != "noise_proj"},
                                   {k: v for k, v in got["init"].items() if k != "noise_proj"})
+                 if with_distill else None,
+                 sdtt=max_diff(got["sdtt_student"], got["init"])
                  if with_distill else None),
       values={k: float(v) for k, v in {**got["aux_metrics"], **got["student_metrics"]}.items()})
 
@@ -171,19 +185,20 @@ def _mesh_params(meshes):
 
 @pytest.mark.parametrize("shape", _mesh_params(MESHES))
 def test_sharded_steps_match_one_device(mesh_reports, shape):
-  """One teacher step — and, in the slow run, one auxiliary then one student D-MMD update — give
-  the same losses and updated parameters on an 8-device mesh as on one device (to ~1e-5),
-  starting from identical parameters."""
+  """One teacher step — and, in the slow run, one auxiliary then one student D-MMD update, and a
+  new SDTT round with one update — give the same losses and updated parameters on an 8-device
+  mesh as on one device (to ~1e-5), starting from identical parameters."""
   got = mesh_reports(shape)
   assert got["init"] == 0.0
   assert got["teacher_params"] < 1e-5 and got["aux"] < 1e-5 and got["student"] < 1e-5
-  for metrics in ("teacher_metrics", "aux_metrics", "student_metrics"):
+  assert got["sdtt_student"] < 1e-5
+  for metrics in ("teacher_metrics", "aux_metrics", "student_metrics", "sdtt_metrics"):
     assert max(got[metrics].values(), default=0.0) < 1e-5, (metrics, got[metrics])
   # The updates did something (so equality is not vacuous).
   moved = {k: v for k, v in got["moved"].items() if v is not None}
   assert min(moved.values()) > 1e-4, moved
   if shape not in DEFAULT_MESHES:
-    assert set(moved) == {"teacher", "aux", "student"}
+    assert set(moved) == {"teacher", "aux", "student", "sdtt"}
     assert got["values"]["aux_loss"] > 0.0 and got["values"]["gen_loss"] != 0.0
 
 

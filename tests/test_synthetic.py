@@ -122,13 +122,13 @@ def test_data_source_synthetic_samples_the_configured_source():
     synthetic.load_dataset(dict(cfg, seq_len=7))
 
 
-def test_config_with_data_source_synthetic_validates_before_loading():
+def test_config_with_data_source_synthetic_is_checked_before_sampling():
   config = config_lib.base_config()
   config.data.update(source="synthetic", vocab_size=6, seq_len=12, synthetic_seed=2)
   config_lib.validate(config)
   config.data.seq_len = 11
-  with pytest.raises(config_lib.ConfigError, match="synthetic"):
-    config_lib.validate(config)
+  with pytest.raises(data_types.DataError, match="synthetic source: seq_len must be even"):
+    sources.load_dataset(config.data)
   config.data.source = "mirror"
   with pytest.raises(config_lib.ConfigError, match="data.source"):
     config_lib.validate(config)

@@ -17,15 +17,11 @@ import pytest
 from dmmd_jax import config_lib
 from dmmd_jax.data import types as data_types
 from dmmd_jax.infra import workdir as workdir_lib
-from dmmd_jax.training import feature_net_run, loop, teacher_run
+from dmmd_jax.training import loop, teacher_run, trained_model
 
 
 def digits_config(**overrides):
   return _helpers.make_config("digits", "tiny", **overrides)
-
-
-class Interrupted(Exception):
-  """Stands for a killed process."""
 
 
 @pytest.mark.parametrize("kind", ["masked", pytest.param("uniform", marks=pytest.mark.slow)])
@@ -42,10 +38,10 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
   def save_then_die(manager, step, state, data_state):
     save(manager, step, state, data_state)
     manager.wait_until_finished()
-    raise Interrupted(step)
+    raise _helpers.Interrupted(step)
 
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
-  with pytest.raises(Interrupted):
+  with pytest.raises(_helpers.Interrupted):
     teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed)
   monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
@@ -77,6 +73,14 @@ def test_teacher_learns_digits(tmp_path):
   assert evals[-1] < evals[0] - 0.2
   assert result == {"step": 60, "eval_bpt": pytest.approx(evals[-1])}
   assert all(np.isfinite(r["grad_norm"]) for r in rows if "grad_norm" in r)
+  # The trained workdir loads as a model whose chunked sampling does not depend on batch_size for
+  # the first chunk, and whose chunks use their own seeds.
+  model = trained_model.load(str(tmp_path))
+  whole, chunks = model.sample(6, 4, seed=3), []
+  chunked = model.sample(10, 4, seed=3, batch_size=6, on_chunk=chunks.append)
+  np.testing.assert_array_equal(chunked[:6], whole)
+  np.testing.assert_array_equal(chunked[6:], model.sample(4, 4, seed=3 + 1_000_003))
+  assert chunks == [6, 4] and chunked.shape == (10, 64) and chunked.dtype == np.int32
 
 
 @pytest.mark.parametrize("override, key", [
@@ -102,7 +106,7 @@ def test_out_of_vocabulary_npy_tokens_fail_before_anything_is_written(tmp_path):
   np.save(tmp_path / "tokens.npy", tokens)
   config = _helpers.make_config("npy_tokens", **{"data.path": str(tmp_path / "tokens.npy"),
                                                  "data.vocab_size": 4})
-  with pytest.raises(data_types.DataError, match=r"outside \[0, vocab_size=4\)"):
+  with pytest.raises(data_types.DataError, match=r"outside the vocabulary \[0, 4\)"):
     teacher_run.train_teacher(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
@@ -164,7 +168,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
     return run
 
-  monkeypatch.setattr(feature_net_run.train, "compile_teacher_step", poisoned)
+  monkeypatch.setattr(teacher_run, "compile_teacher_step", poisoned)
   workdir = tmp_path / "run"
   config = _helpers.fast_digits(**{"train.checkpoint_every": 1})
   with pytest.raises(loop.TrainingError, match="loss_bpt became nan at step 6") as info:

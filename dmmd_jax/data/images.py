@@ -121,7 +121,7 @@ def load_labels(data_cfg):
   """
   source, cap = data_cfg.source, data_cfg.max_examples
   if source == "digits":
-    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.datasets import load_digits
 
     labels = load_digits().target.astype(np.int32)
     n_eval = int(len(labels) * data_cfg.eval_fraction)

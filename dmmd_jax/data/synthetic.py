@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dmmd_jax import config_lib
 from dmmd_jax.data import types as data_types
 
 INITIALS = ("uniform", "dirichlet")
@@ -233,6 +234,7 @@ def write_dataset(source: SyntheticSource, num_examples: int, path, sample_seed:
 
 def source_from_data_fields(data_cfg) -> SyntheticSource:
   """The source a data config with source="synthetic" describes (see `load_dataset`)."""
+  data_cfg = config_lib.typed(data_cfg, config_lib.DataConfig)
   return SyntheticSource(
       vocab_size=data_cfg.vocab_size, seq_len=data_cfg.seq_len, seed=data_cfg.synthetic_seed,
       concentration=data_cfg.synthetic_concentration)
@@ -244,6 +246,7 @@ def source_for_data_config(data_cfg) -> SyntheticSource | None:
   Recognises data.source="synthetic" (see `load_dataset`) and data.source="npy" whose .npy has
   a sidecar written by `write_dataset`.
   """
+  data_cfg = config_lib.typed(data_cfg, config_lib.DataConfig)
   kind = data_cfg.source
   if kind == "synthetic":
     return source_from_data_fields(data_cfg)

@@ -48,10 +48,10 @@ def write_results(rows, output_dir: str) -> None:
 
 
 def _pyplot():
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   return plt
 
@@ -103,12 +103,7 @@ def save_samples(output_dir: str, info: data_types.DataInfo, label: str, tokens)
   os.makedirs(folder, exist_ok=True)
   stem = os.path.join(folder, label.replace("/", "_").replace(" ", "_"))
   np.save(stem + ".npy", np.asarray(tokens, np.int32))
-  if info.kind == "image":
-    render.save_image_grid(info, tokens, stem + ".png")
-    return stem + ".png"
-  with open(stem + ".txt", "w") as f:
-    f.write("\n\n=====\n\n".join(render.decode_text(info, tokens)))
-  return stem + ".txt"
+  return render.dump_samples(info, tokens, stem)
 
 
 def sample_overview(path_stem: str, info: data_types.DataInfo, entries, per_row: int = 8) -> str:

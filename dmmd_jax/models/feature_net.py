@@ -21,8 +21,6 @@ description, accuracy) + DIR/params.npz (the flattened parameter pytree).
 
 import dataclasses
 import functools
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -31,12 +29,8 @@ import numpy as np
 
 from dmmd_jax.data import types as data_types
 from dmmd_jax.infra import pytree_io
-from dmmd_jax.infra import workdir as workdir_lib
 
 CONFIG_FILE = "feature_net.json"
-
-
-PARAMS_FILE = "params.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,21 +128,15 @@ class FeatureNet:
 
 
 def save(workdir: str, net: FeatureNet, extra: dict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  pytree_io.save_pytree(os.path.join(workdir, PARAMS_FILE), net.params)
-  record = {"kind": "feature_net", "config": net.config.to_json(), "data_info": net.info.to_json(),
-            **extra}
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(record, f, indent=2)
+  """Store a trained feature net in directory `workdir`; `extra` (JSON-ready) joins its record."""
+  pytree_io.save_network(workdir, CONFIG_FILE, net.params, {
+      "kind": "feature_net", "config": net.config.to_json(), "data_info": net.info.to_json(),
+      **extra})
 
 
 def load(workdir: str) -> FeatureNet:
   """The feature net stored in `workdir` by experiments/train_feature_net.py."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise workdir_lib.WorkdirError(f"{workdir} has no {CONFIG_FILE}: not a feature-net "
-                                   "directory (experiments/train_feature_net.py writes one).")
-  record = workdir_lib.read_json(path)
-  config = FeatureNetConfig.from_json(record["config"])
-  params = jax.tree.map(jnp.asarray, pytree_io.load_pytree(os.path.join(workdir, PARAMS_FILE)))
-  return FeatureNet(config, params, data_types.DataInfo.from_json(record["data_info"]), workdir)
+  record, params = pytree_io.load_network(workdir, CONFIG_FILE, "a feature-net directory",
+                                          "experiments/train_feature_net.py")
+  return FeatureNet(FeatureNetConfig.from_json(record["config"]), params,
+                    data_types.DataInfo.from_json(record["data_info"]), workdir)

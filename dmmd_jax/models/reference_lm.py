@@ -20,8 +20,6 @@ The first token has no prefix and is never scored (there is no BOS token).
 
 import dataclasses
 import functools
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -30,7 +28,6 @@ import jax.numpy as jnp
 from dmmd_jax import config_lib
 from dmmd_jax.data import types as data_types
 from dmmd_jax.infra import pytree_io
-from dmmd_jax.infra import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +177,9 @@ def sequence_log_likelihood(params, tokens, *, config: ReferenceLMConfig):
 
 # ---------------------------------------------------------------------------------------------
 # A trained reference LM: the metrics' adaptor, and its directory (DIR/reference_lm.json with
-# its ReferenceLMConfig, DataInfo, data config and training history + DIR/params.npz).
+# its ReferenceLMConfig, DataInfo, data config and training history + params; `infra/pytree_io`).
 
 RECORD_FILE = "reference_lm.json"
-PARAMS_FILE = "params.npz"
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,21 +217,14 @@ class Trained:
 
 def save(path: str, lm: Trained, extra: dict) -> None:
   """Store a trained LM in directory `path`; `extra` (JSON-ready) joins its record."""
-  os.makedirs(path, exist_ok=True)
-  pytree_io.save_pytree(os.path.join(path, PARAMS_FILE), lm.params)
-  record = {"kind": "reference_lm", "config": dataclasses.asdict(lm.config),
-            "data_info": lm.info.to_json(), **extra}
-  with open(os.path.join(path, RECORD_FILE), "w") as f:
-    json.dump(record, f, indent=2)
+  pytree_io.save_network(path, RECORD_FILE, lm.params, {
+      "kind": "reference_lm", "config": dataclasses.asdict(lm.config),
+      "data_info": lm.info.to_json(), **extra})
 
 
 def load(path: str) -> Trained:
   """The reference LM stored in `path` by `save` (experiments/train_reference_lm.py)."""
-  record_path = os.path.join(path, RECORD_FILE)
-  if not os.path.exists(record_path):
-    raise workdir_lib.WorkdirError(f"{path} has no {RECORD_FILE}: not a reference-LM "
-                                   "directory (experiments/train_reference_lm.py writes one).")
-  record = workdir_lib.read_json(record_path)
-  config = ReferenceLMConfig(**record["config"])
-  params = jax.tree.map(jnp.asarray, pytree_io.load_pytree(os.path.join(path, PARAMS_FILE)))
-  return Trained(config, params, data_types.DataInfo.from_json(record["data_info"]), path)
+  record, params = pytree_io.load_network(path, RECORD_FILE, "a reference-LM directory",
+                                          "experiments/train_reference_lm.py")
+  return Trained(ReferenceLMConfig(**record["config"]), params,
+                 data_types.DataInfo.from_json(record["data_info"]), path)

@@ -76,7 +76,7 @@ def sdtt_optimizer(config):
 
 def run_config(config: config_lib.ExperimentConfig) -> config_lib.ExperimentConfig:
   """The config stored in the workdir: no student noise input (so it samples without)."""
-  return config_lib.replace(config, distill={"use_noise": False})
+  return config_lib.replace(config_lib.typed(config), distill={"use_noise": False})
 
 
 def check_config(config) -> None:
@@ -114,6 +114,25 @@ def _prepare_workdir(workdir, config, setup, schedule, start_steps):
   workdir_lib.prepare(workdir, config, info)
 
 
+def init_sdtt_state(teacher, optimizer, mesh) -> SDTTState:
+  """Student and its EMA start as copies of the teacher; the optimizer state is born sharded."""
+  copy_tree = functools.partial(jax.tree.map, jnp.copy)
+  return SDTTState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+                   student=copy_tree(teacher), student_ema=copy_tree(teacher), teacher=teacher,
+                   student_opt=state_lib.init_opt_state(optimizer, teacher, mesh))
+
+
+def compile_update(setup: setup_lib.Setup, optimizer, shardings):
+  """The jitted SDTT update (state, batch, round teacher's steps) → (state, metrics)."""
+  c = setup.config
+  loss_fn = functools.partial(sdtt.sdtt_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
+                              grid=c.sample.grid)
+  return jax.jit(functools.partial(sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
+                                   ema_decay=c.distill.ema_decay, seed=c.seed),
+                 in_shardings=(shardings, sharding.batch_sharding(setup.mesh), None),
+                 out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+
+
 def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   """Run (or resume) SDTT rounds from config.distill.teacher_workdir down to k steps.
 
@@ -130,21 +149,13 @@ def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   teacher = dmmd_run.load_teacher(setup, d.teacher_workdir)
   _prepare_workdir(workdir, config, setup, schedule, start_steps)
   optimizer = sdtt_optimizer(config)
-  copy_tree = functools.partial(jax.tree.map, jnp.copy)
-  state = SDTTState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(setup.mesh)),
-                    student=copy_tree(teacher), student_ema=copy_tree(teacher), teacher=teacher,
-                    student_opt=state_lib.init_opt_state(optimizer, teacher, setup.mesh))
+  state = init_sdtt_state(teacher, optimizer, setup.mesh)
   shardings = state_lib.shardings_of(state)
   iterator = loop.data_iterator(setup, d.batch_size, config.seed)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
   state = loop.restore_or_init(manager, state, shardings, iterator)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
-  loss_fn = functools.partial(sdtt.sdtt_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
-                              grid=config.sample.grid)
-  update = jax.jit(functools.partial(sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
-                                     ema_decay=d.ema_decay, seed=config.seed),
-                   in_shardings=(shardings, sharding.batch_sharding(setup.mesh), None),
-                   out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+  update = compile_update(setup, optimizer, shardings)
 
   def step_fn(state, batch, index):
     if index and index % d.num_steps == 0:

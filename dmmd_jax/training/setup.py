@@ -102,7 +102,10 @@ def build_setup(config, batch_size: int) -> Setup:
   train_tokens, eval_tokens, info = sources.load_dataset(config.data)
   kernel = forward_process_of(config, info.vocab_size)
   model_cfg = denoiser_config_of(config, kernel, info.seq_len, info.image_shape or ())
-  denoiser.validate_config(model_cfg)
+  try:
+    denoiser.validate_config(model_cfg)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_divisibility(mesh, batch_size, model_cfg.width)
   return Setup(config, info, train_tokens, eval_tokens, kernel, model_cfg, mesh)
