@@ -22,7 +22,7 @@ from dmmd_jax.distill import sdtt
 from dmmd_jax.models import denoiser
 from dmmd_jax.training import sdtt_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNEL = forward_process.ForwardProcess("masked", 4)
 CFG = denoiser.DenoiserConfig(vocab_size=4, input_vocab_size=5, seq_len=8, num_layers=1,
                               width=32, num_heads=2, cond_dim=16, mask_id=4)

@@ -22,7 +22,7 @@ from dmmd_jax.evaluation import compare, registry, report
 from dmmd_jax.models import reference_lm
 from dmmd_jax.training import reference_lm_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = synthetic.SyntheticSource(vocab_size=8, seq_len=16, seed=0, concentration=0.1)
 INFO = data_types.DataInfo("text", 8, 16)
 

@@ -12,7 +12,7 @@ from dmmd_jax import config_lib
 from dmmd_jax.data import sources, synthetic
 from dmmd_jax.data import types as data_types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = synthetic.SyntheticSource(vocab_size=3, seq_len=6, seed=2, concentration=0.5)
 
 

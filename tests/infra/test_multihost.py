@@ -7,7 +7,7 @@
   collective, or JAX's "another task died" after missed heartbeats) instead of hanging.
 - An unreachable coordinator, a taken port and bad settings give one-line errors.
 
-This file is also the worker: `python tests/test_multihost.py ROOT STOP_AT teacher[,student] MESH`
+This file is also the worker: `python tests/infra/test_multihost.py ROOT STOP_AT teacher[,student] MESH`
 runs the teacher (and the distillation) under the multi-host settings in the environment (see
 dmmd_jax/infra/distributed.py); MESH is "data,fsdp,tensor".
 """
@@ -27,7 +27,7 @@ import pytest
 
 from dmmd_jax.infra import distributed
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 HEARTBEAT = 10  # seconds; the kill test waits for about this long
 # A one-layer model on sklearn digits (64 pixel tokens). Mesh (data, fsdp, tensor) = (1, 4, 1):
 # parameters, optimizer states, the frozen teacher and the checkpoints are split across both

@@ -14,7 +14,7 @@ from dmmd_jax.infra import pytree_io
 from dmmd_jax.models import feature_net
 from dmmd_jax.training import feature_net_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(preset="tiny"):

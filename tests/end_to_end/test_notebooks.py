@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
+COLAB = pathlib.Path(__file__).resolve().parents[2] / "colab"
 NOTEBOOKS = ("quickstart.ipynb", "distill_your_teacher.ipynb")
 CELL_TIMEOUT_S = 240
 
