@@ -15,8 +15,8 @@ where p_θ(z_s | z_t) = Σ_c x̂_c q(z_s | z_t, e_c) is the mixture reverse step
 reconstruction −log x̂(z_{t_1})[x], since the posterior at s = 0 is x itself. We chose the
 discrete-time form because it is exact for the T-step sampler that realises it, needs only the
 posterior that the sampler and the D-MMD loss already use (one code path), and is tested by
-enumeration in `tests/diffusion/test_elbo.py`; the continuous-time uniform ELBO (USDM/DUO) is its T → ∞
-limit. One term is sampled per sequence (i ~ U{1..T}) and scaled by T.
+enumeration in `tests/diffusion/test_elbo.py`; the continuous-time uniform ELBO (USDM/DUO) is its
+T → ∞ limit. One term is sampled per sequence (i ~ U{1..T}) and scaled by T.
 
 Bits per token = nats / (length · ln 2).
 """

@@ -7,8 +7,8 @@
   collective, or JAX's "another task died" after missed heartbeats) instead of hanging.
 - An unreachable coordinator, a taken port and bad settings give one-line errors.
 
-This file is also the worker: `python tests/infra/test_multihost.py ROOT STOP_AT teacher[,student] MESH`
-runs the teacher (and the distillation) under the multi-host settings in the environment (see
+This file is also the worker:
+`python tests/infra/test_multihost.py ROOT STOP_AT teacher[,student] MESH` runs the teacher (and the distillation) under the multi-host settings in the environment (see
 dmmd_jax/infra/distributed.py); MESH is "data,fsdp,tensor".
 """
 
