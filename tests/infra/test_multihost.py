@@ -8,7 +8,8 @@
 - An unreachable coordinator, a taken port and bad settings give one-line errors.
 
 This file is also the worker:
-`python tests/infra/test_multihost.py ROOT STOP_AT teacher[,student] MESH` runs the teacher (and the distillation) under the multi-host settings in the environment (see
+`python tests/infra/test_multihost.py ROOT STOP_AT teacher[,student] MESH` runs the teacher (and
+the distillation) under the multi-host settings in the environment (see
 dmmd_jax/infra/distributed.py); MESH is "data,fsdp,tensor".
 """
 
