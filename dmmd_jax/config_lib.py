@@ -10,6 +10,7 @@ import ml_collections
 from dmmd_jax import data, denoiser, kernels, sampling, schedules, synthetic
 
 PRESETS = ("tiny", "small", "base")
+UNIFORM_ESTIMATORS = ("rao_blackwell", "soft")
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       soft_targets=False, teacher_temperature=1.0, teacher_top_p=1.0, top_p_mode="soft",
       allow_hard_top_p=False, top_p_delta=2.0, samples_per_z=1, posterior_gap=1e-3,
       use_noise=True, uniform_noise=False, noise_init_scale=1.0, noise_lr_multiplier=1.0,
-      ema_decay=0.99, log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500))
+      ema_decay=0.99, log_every=50, eval_every=200, eval_samples=64, checkpoint_every=500,
+      uniform_estimator="soft", score_dtype="float32", diagnostic_buckets=4))
   return c
 
 
@@ -130,7 +132,7 @@ def validate(config) -> None:
       "distill.batch_size", "distill.learning_rate", "distill.aux_learning_rate",
       "distill.samples_per_z", "distill.aux_updates_per_student", "distill.posterior_gap",
       "distill.log_every", "distill.checkpoint_every", "distill.teacher_temperature",
-      "distill.noise_lr_multiplier"])
+      "distill.noise_lr_multiplier", "distill.diagnostic_buckets"])
   for key in ("train.warmup_steps", "train.eval_every", "train.sample_every",
               "distill.warmup_steps", "distill.eval_every", "distill.noise_init_scale",
               "data.seq_len", "data.levels", "data.max_examples", "data.vocab_size"):
@@ -156,6 +158,11 @@ def validate(config) -> None:
   if config.distill.top_p_mode == "hard" and not config.distill.allow_hard_top_p:
     raise ConfigError("distill.top_p_mode='hard' makes the student loss diverge (the paper's "
                       "ablation); set --config.distill.allow_hard_top_p=True to run it anyway.")
+  if config.distill.uniform_estimator not in UNIFORM_ESTIMATORS:
+    raise ConfigError(f"distill.uniform_estimator must be one of {UNIFORM_ESTIMATORS}, got "
+                      f"{config.distill.uniform_estimator!r}.")
+  if config.distill.score_dtype not in ("float32", "bfloat16"):
+    raise ConfigError("distill.score_dtype must be 'float32' or 'bfloat16'.")
   if config.distill.soft_targets and config.kernel.kind != "masked":
     raise ConfigError("distill.soft_targets is defined for the masked kernel only.")
   if config.distill.posterior_gap >= 1.0:

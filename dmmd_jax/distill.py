@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dmmd_jax import config_lib, denoiser, kernels, sampling, sharding
+from dmmd_jax import config_lib, denoiser, dmmd_diagnostics, kernels, sampling, schedules, sharding
 from dmmd_jax import train as train_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -74,6 +74,7 @@ class DistillConfig:
   top_p_delta: float = 2.0
   posterior_gap: float = 1e-3
   use_noise: bool = True
+  uniform_estimator: str = "soft"
 
   @classmethod
   def from_config(cls, config):
@@ -82,6 +83,7 @@ class DistillConfig:
                soft_targets=d.soft_targets, teacher_temperature=d.teacher_temperature,
                teacher_top_p=d.teacher_top_p, top_p_mode=d.top_p_mode,
                top_p_delta=d.top_p_delta, posterior_gap=d.posterior_gap,
+               uniform_estimator=d.uniform_estimator,
                use_noise=(d.use_noise and config.model.noise_kind != "none"
                           and (config.kernel.kind == "masked" or d.get("uniform_noise", False))))
 
@@ -112,19 +114,44 @@ def _kl(log_p, log_q):
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def _rate(s, gap: float):
-  """1 / (s − s') per sequence `[batch, 1]` (finite at s = 0, where every KL term is 0)."""
-  return (1.0 / jnp.maximum(s - jnp.maximum(s - gap, 0.0), 1e-6))[:, None]
+def _rate(kernel, s, gap: float):
+  """−α'_s / (α_{s'} − α_s) per sequence `[batch, 1]`, s' = max(0, s − gap).
+
+  The reverse step's off-diagonal mass is proportional to α_{s'} − α_s, so this makes the loss
+  the continuous-time rate to first order for every schedule: for the masked kernel the weight
+  γ · rate is exactly w(s) = −α'_s / (1 − α_s) (also for s < gap), and for the linear schedule
+  the rate is 1 / (s − s'). Rows with no step (s = 0) get 0: all their KL terms are 0.
+  """
+  s_prev = jnp.maximum(s - gap, 0.0)
+  step = (kernel.one_minus_alpha(s) - kernel.one_minus_alpha(s_prev))
+  step = jnp.where(kernel.alpha(s_prev) < 0.5, kernel.alpha(s_prev) - kernel.alpha(s), step)
+  slope = -schedules.alpha_derivative(s, kernel.schedule)
+  return jnp.where(step > 0, slope / jnp.maximum(step, 1e-30), 0.0)[:, None]
 
 
-def student_draw(key, student_params, x, *, apply_fn, kernel, cfg: DistillConfig, noise_fn):
+def rao_blackwell_log_weights(kernel, draw):
+  """log w_ic = log q(z_s,i | z_t,i, e_c) − log Σ_c' p_ic' q(z_s,i | z_t,i, e_c'), `[batch, L, K]`.
+
+  p_ic w_ic = P(x_i = c | z_t, z_s) under the (factorised, given ε) student: its posterior over
+  the clean token once z_s is known. Held fixed (stop_grad) by the caller.
+  """
+  log_q = kernels.class_log_likelihoods(kernel, draw["z_t"], draw["z_s"], draw["s"][:, None],
+                                        draw["t"][:, None])
+  log_p = jax.lax.stop_gradient(draw["log_p"])
+  return jax.lax.stop_gradient(
+      log_q - jax.nn.logsumexp(log_p + log_q, axis=-1, keepdims=True))
+
+
+def student_draw(key, student_params, x, *, apply_fn, kernel, cfg: DistillConfig, noise_fn,
+                 times=None):
   """Algorithm 1's sampling half for one set of student samples.
 
-  Returns dict with s, t `[batch]`, z_t, x_student, z_s `[batch, length]` and the student's
-  log p `[batch, length, K]` (differentiable w.r.t. student_params).
+  times: (s, t) `[batch]` to use instead of `sample_times`. Returns dict with s, t `[batch]`,
+  z_t, x_student, z_s `[batch, length]` and the student's log p `[batch, length, K]`
+  (differentiable w.r.t. student_params).
   """
   time_key, zt_key, noise_key, x_key, zs_key = jax.random.split(key, 5)
-  s, t = sample_times(time_key, x.shape[0], cfg.student_steps)
+  s, t = times if times is not None else sample_times(time_key, x.shape[0], cfg.student_steps)
   z_t = kernels.sample_marginal(zt_key, kernel, x, t)
   noise = noise_fn(noise_key, x.shape[0]) if (cfg.use_noise and noise_fn) else None
   log_p = jax.nn.log_softmax(apply_fn(student_params, z_t, t, noise), axis=-1)
@@ -144,9 +171,12 @@ def moment_losses(draw, log_teacher, log_aux, *, kernel, cfg: DistillConfig):
   """
   s, z_s, gap = draw["s"], draw["z_s"], cfg.posterior_gap
   rev = functools.partial(reverse_log_probs, kernel, z_s, s=s, gap=gap)
-  rate = _rate(s, gap)
+  rate = _rate(kernel, s, gap)
   log_teacher = jax.lax.stop_gradient(log_teacher)
-  p_student = jnp.exp(rev(draw["log_p"]))
+  log_p_gen = draw["log_p"]
+  if not kernel.is_masked and cfg.uniform_estimator == "rao_blackwell":
+    log_p_gen = log_p_gen + rao_blackwell_log_weights(kernel, draw)
+  p_student = jnp.exp(rev(log_p_gen))
   rev_teacher, rev_aux = rev(log_teacher), rev(log_aux)
   log_ratio = jax.lax.stop_gradient(rev_aux - rev_teacher)
   gen = rate * jnp.sum(p_student * log_ratio, axis=-1)
@@ -173,18 +203,22 @@ def moment_losses(draw, log_teacher, log_aux, *, kernel, cfg: DistillConfig):
 
 
 def moment_matching_estimator(student_params, aux_params, teacher_params, x, key, *, apply_fn,
-                              kernel, cfg: DistillConfig, noise_fn=None):
+                              kernel, cfg: DistillConfig, noise_fn=None, score_apply_fn=None):
   """The D-MMD estimator: M = cfg.samples_per_z student sample sets per z_t, vmapped.
 
   x: int `[batch, length]` data. Returns the losses and diagnostics averaged over the M sets.
   Pure: differentiate w.r.t. student_params for `gen_loss`, aux_params for `aux_loss`.
+  score_apply_fn (default apply_fn) runs the teacher and the auxiliary: their log-ratio is the
+  student's learning signal, so it may run at a higher precision than the student.
   """
+  score_apply_fn = score_apply_fn or apply_fn
+
   def one_set(set_key):
     draw = student_draw(set_key, student_params, x, apply_fn=apply_fn, kernel=kernel, cfg=cfg,
                         noise_fn=noise_fn)
-    teacher_logits = apply_fn(teacher_params, draw["z_s"], draw["s"])
+    teacher_logits = score_apply_fn(teacher_params, draw["z_s"], draw["s"])
     log_teacher = teacher_log_probs(teacher_logits, cfg)
-    log_aux = jax.nn.log_softmax(apply_fn(aux_params, draw["z_s"], draw["s"]), axis=-1)
+    log_aux = jax.nn.log_softmax(score_apply_fn(aux_params, draw["z_s"], draw["s"]), axis=-1)
     return moment_losses(draw, log_teacher, log_aux, kernel=kernel, cfg=cfg)
 
   # All M sets share z_t's data x but draw their own times, z_t, noise and student samples.
@@ -319,17 +353,43 @@ def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scal
                       aux_opt=train_lib.init_opt_state(aux_opt, teacher, mesh))
 
 
+def update_counts(num_steps: int, aux_updates_per_student: int) -> tuple[int, int]:
+  """(student, auxiliary) updates among the first num_steps (see `is_student_turn`)."""
+  student = num_steps // (aux_updates_per_student + 1)
+  return student, num_steps - student
+
+
 def distill_optimizers(config):
-  """(student, auxiliary) optimizers; the student's noise projection may learn faster."""
+  """(student, auxiliary) optimizers; the student's noise projection may learn faster.
+
+  Each optimizer's schedule counts its own updates, so warm-up and decay are sized to the share
+  of distill.num_steps that network really gets (`update_counts`), and both end their cosine
+  decay when the run ends.
+  """
   d = config.distill
-  make = functools.partial(train_lib.make_optimizer, warmup_steps=d.warmup_steps,
-                           total_steps=d.num_steps, grad_clip=d.grad_clip)
-  student = make(d.learning_rate)
+  counts = update_counts(d.num_steps, d.aux_updates_per_student)
+  student_steps, aux_steps = (max(n, 1) for n in counts)
+
+  def make(learning_rate, total):
+    warmup = round(d.warmup_steps * total / d.num_steps)
+    return train_lib.make_optimizer(learning_rate, warmup_steps=warmup, total_steps=total,
+                                    grad_clip=d.grad_clip)
+
+  student = make(d.learning_rate, student_steps)
   if d.noise_lr_multiplier != 1.0:
     student = optax.multi_transform(
-        {"default": student, "noise": make(d.learning_rate * d.noise_lr_multiplier)},
+        {"default": student,
+         "noise": make(d.learning_rate * d.noise_lr_multiplier, student_steps)},
         lambda params: {k: ("noise" if k == "noise_proj" else "default") for k in params})
-  return student, make(d.aux_learning_rate)
+  return student, make(d.aux_learning_rate, aux_steps)
+
+
+def score_apply_fn(setup):
+  """The teacher's and auxiliary's forward in the D-MMD step: the model's, computed in
+  distill.score_dtype (default float32: with bfloat16 logits the rounding noise of the log-ratio
+  exceeds its signal)."""
+  model_cfg = dataclasses.replace(setup.model_cfg, dtype=setup.config.distill.score_dtype)
+  return functools.partial(denoiser.apply, cfg=model_cfg)
 
 
 def compile_updates(setup, cfg: DistillConfig, student_opt, aux_opt, shardings, teacher_shardings):
@@ -337,7 +397,8 @@ def compile_updates(setup, cfg: DistillConfig, student_opt, aux_opt, shardings, 
   c = setup.config
   estimator = functools.partial(moment_matching_estimator, apply_fn=setup.apply_fn,
                                 kernel=setup.kernel, cfg=cfg,
-                                noise_fn=student_noise_fn(setup, cfg))
+                                noise_fn=student_noise_fn(setup, cfg),
+                                score_apply_fn=score_apply_fn(setup))
   common = dict(estimator=estimator, ema_decay=c.distill.ema_decay, seed=c.seed)
   batch = sharding.batch_sharding(setup.mesh)
   out = (shardings, sharding.replicated(setup.mesh))
@@ -387,8 +448,19 @@ def distill(config, workdir: str) -> dict:
       counter[0] += 1
       return (student_update if turn else aux_update)(state, teacher, batch)
 
+    diagnose = jax.jit(functools.partial(
+        diagnose_student, apply_fn=setup.apply_fn, score_apply_fn=score_apply_fn(setup),
+        kernel=setup.kernel, cfg=cfg, noise_fn=student_noise_fn(setup, cfg),
+        num_buckets=d.diagnostic_buckets))
+    held_out = jnp.asarray(setup.eval_tokens[:max(d.eval_samples, d.diagnostic_buckets)])
+
     def evaluate(state, step):
-      return evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+      metrics = evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+      per_bucket = jax.device_get(diagnose(state.student, state.aux, teacher, held_out,
+                                           jax.random.key(step)))
+      for name, values in per_bucket.items():
+        metrics.update({f"{name}/b{b}": float(v) for b, v in enumerate(values)})
+      return metrics
 
     state = train_lib.run_loop(
         state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
@@ -398,6 +470,20 @@ def distill(config, workdir: str) -> dict:
   log.close()
   manager.close()
   return {"step": int(state.step)}
+
+
+def diagnose_student(student_params, aux_params, teacher_params, x, key, *, apply_fn,
+                     score_apply_fn, kernel, cfg: DistillConfig, noise_fn, num_buckets: int):
+  """`dmmd_diagnostics.moment_diagnostics` of one draw on data x `[batch, length]`, with s
+  stratified over the buckets: dict of `[num_buckets]` arrays."""
+  time_key, draw_key = jax.random.split(key)
+  times = dmmd_diagnostics.stratified_times(time_key, x.shape[0], num_buckets, cfg.student_steps)
+  draw = student_draw(draw_key, student_params, x, apply_fn=apply_fn, kernel=kernel, cfg=cfg,
+                      noise_fn=noise_fn, times=times)
+  log_teacher = teacher_log_probs(score_apply_fn(teacher_params, draw["z_s"], draw["s"]), cfg)
+  log_aux = jax.nn.log_softmax(score_apply_fn(aux_params, draw["z_s"], draw["s"]), axis=-1)
+  return dmmd_diagnostics.moment_diagnostics(draw, log_teacher, log_aux, kernel=kernel,
+                                             num_buckets=num_buckets)
 
 
 def evaluate_student(setup, params, cfg: DistillConfig, num_samples: int, step: int) -> dict:
