@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32, num_steps=1000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01,
       grad_clip=1.0, b1=0.9, b2=0.99, ema_decay=0.999, log_every=50, eval_every=500,
       eval_batches=8, checkpoint_every=500, keep_checkpoints=2, sample_every=0,
-      num_samples=16, uniform_elbo_steps=1000))
+      num_samples=16, uniform_elbo_steps=1000, uniform_continuous_time=True))
   c.sample = ml_collections.ConfigDict(dict(
       steps=128, grid="uniform", temperature=1.0, top_p=1.0, float64=True, cache=False))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
