@@ -91,9 +91,16 @@ def run_tests(package_root: pathlib.Path, tests) -> tuple[bool, float]:
   env = dict(os.environ, PYTHONPATH=str(package_root))
   env.pop("XLA_FLAGS", None)
   start = time.perf_counter()
+  # Run from the copy's root: `python -m` puts the working directory first on sys.path, so from
+  # the repository the unmutated package would be imported.
   result = subprocess.run(
-      [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-      cwd=REPO, env=env, capture_output=True, text=True, check=False)
+      [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+       f"--rootdir={REPO}", *(str(REPO / t) for t in tests)],
+      cwd=package_root, env=env, capture_output=True, text=True, check=False)
+  imported = subprocess.run([sys.executable, "-c", "import dmmd_jax; print(dmmd_jax.__file__)"],
+                            cwd=package_root, env=env, capture_output=True, text=True, check=True)
+  if not imported.stdout.startswith(str(package_root)):
+    raise SystemExit(f"the tests would import {imported.stdout.strip()}, not the copy.")
   return result.returncode == 0, time.perf_counter() - start
 
 

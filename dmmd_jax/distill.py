@@ -9,27 +9,50 @@ steps:
 
 Losses — one code path for both kernels. Let s' = max(0, s − h) (h = `posterior_gap`) and
 P(x̂) = Σ_c x̂_c q(z_{s'} | z_s, e_c) be the reverse transition a denoiser output x̂ induces from
-z_s (`kernels.posterior_log_probs`). P is linear in x̂, so
+z_s (`kernels.posterior_log_probs`). P is linear in x̂, so with the rate r(s) = −α'_s / (α_{s'} −
+α_s) (= 1/h for the linear schedule, `_rate`)
 
-    L_gen(η) = (1/h) Σ_i Σ_j P(p)_ij · ( log P(x̂_φ)_ij − log P(x̂_θ)_ij )
-    L_aux(φ) = (1/h) Σ_i [ KL(P(y)_i ‖ P(x̂_φ)_i) + KL(P(x̂_θ)_i ‖ P(x̂_φ)_i) ],  y = one_hot(x)
+    L_gen(η) = r(s) Σ_i Σ_j P(p̃)_ij · ( log P(x̂_φ)_ij − log P(x̂_θ)_ij )
+    L_aux(φ) = r(s) Σ_i [ KL(P(y)_i ‖ P(x̂_φ)_i) + KL(P(x̂_θ)_i ‖ P(x̂_φ)_i) ],  y = one_hot(x)
                (or y = stop_grad(p), `soft_targets`, masked only)
+
+where p̃ = p (the soft estimator) or, for the uniform kernel with
+distill.uniform_estimator = "rao_blackwell", p̃_ic = p_ic · stop_grad(w_ic) with
+w_ic = q(z_s,i | z_t,i, e_c) / Σ_c' p_ic' q(z_s,i | z_t,i, e_c'), i.e. p̃_i = the student's
+posterior P(x_i | z_t, z_s).
 
 with teacher and auxiliary under stop_grad in L_gen and the student sample under stop_grad in
 L_aux. Why this is the paper's method:
 - Masked kernel: at a masked z_s, P(x̂) puts γ x̂_c on token c and 1 − γ on MASK, with
   γ = (α_{s'} − α_s)/(1 − α_s); unmasked positions have P = δ and contribute 0. So
-  L_gen = (γ/h) Σ_{masked i} Σ_c p_ic (log x̂_φ − log x̂_θ)_ic, and γ/h = w(s) = −α'_s/(1 − α_s)
-  exactly for the linear schedule (a finite difference of it for cosine): the paper's loss.
-  Likewise L_aux = (γ/h) Σ −(y + x̂_θ)·log x̂_φ + const.
+  L_gen = γ r(s) Σ_{masked i} Σ_c p_ic (log x̂_φ − log x̂_θ)_ic with γ = (α_{s'} − α_s)/(1 − α_s),
+  so γ r(s) = w(s) = −α'_s/(1 − α_s) exactly, for every schedule and also for s < h: the
+  paper's loss. Likewise L_aux = w(s) Σ −(y + x̂_θ)·log x̂_φ + const.
 - Uniform kernel (the paper's Appendix-D idea, our derivation): the plug-in posterior is not
   linear in x, but P is, and the P(e_c) are linearly independent, so KL(P(E[x|z_s]) ‖ P(x̂)) is
   minimised only at x̂ = E[x | z_s]. The auxiliary's optimum is P(x̂_φ) = ½(P(E_student[x|z_s]) +
   P(x̂_θ)) and the student's gradient vanishes iff P(E_student[x | z_s]) = P(x̂_θ), i.e. iff
   the student's first moments match the teacher's. As h → 0 this becomes a rate-weighted
-  log-ratio over the states j ≠ z_s (continuous time); h = 1e-3 by default.
-- Soft-sample identity: both losses are linear in the sampled one-hot x, so E_{x~p} L(x) = L(p):
-  the student gets a gradient through p without differentiating through sampling.
+  log-ratio over the states j ≠ z_s (continuous time); h = 1e-3 by default. The reverse step's
+  off-diagonal mass is proportional to α_{s'} − α_s, which r(s) turns into the time rate.
+- Soft-sample identity: both losses are linear in the sampled one-hot x, so for a *fixed* z_s
+  E_{x~p} L(x) = L(p): the student gets a gradient through p without differentiating through
+  sampling. But z_s is drawn from q(z_s | z_t, x) with the hard x. For the masked kernel that
+  does not matter (a masked z_s says nothing about x, and an unmasked one carries no loss), so
+  the soft form is exact. For the uniform kernel z_s carries information about x and the soft
+  form is biased: its expected value and gradient differ from those of the hard-sample loss
+  (tests/test_dmmd_enumeration.py). The Rao-Blackwell form replaces p by the posterior
+  P(x | z_t, z_s) = p ⊙ w: its value is the loss at E[x | z_t, z_s], and its expected value and
+  gradient equal those of the hard-sample loss exactly (with the other positions' z_s held
+  fixed, as Algorithm 1's stop_grad(z_s) does), proven against enumeration.
+- Default: "soft". On the exactly enumerable copy toy (`dmmd_toy`, bench/uniform_estimator.py)
+  the soft estimator lowered the exact moment mismatch faster at equal updates, reached the same
+  mismatch later on, and kept a higher copy rate (RESULTS.md §8): the unbiased form's weights
+  add variance, and the soft form's bias did not slow matching there. Choose "rao_blackwell"
+  where unbiasedness matters more than speed.
+- Precision: the teacher and auxiliary forwards run in distill.score_dtype (float32 by
+  default, whatever model.dtype is), since bfloat16 rounding of their logits swamps the
+  log-ratio; the student keeps model.dtype.
 
 Losses are normalised per token (divided by the sequence length). The moment-matching estimator
 draws `samples_per_z` (M) student samples per z_t (vmapped over the sample-set axis) and averages.

@@ -574,6 +574,25 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
                                     {k: teacher[k] for k in shared}) > 1e-4
 
 
+def test_distill_logs_per_bucket_diagnostics_at_eval(small_teacher, tmp_path):
+  """At every eval step metrics.jsonl holds moment_mismatch/b{b} ∈ [0, 2] and
+  student_entropy/b{b} ∈ [0, log K] for each of distill.diagnostic_buckets buckets of s."""
+  workdir = tmp_path / "student"
+  config = student_config(small_teacher, **{
+      **_helpers.quiet_schedule("distill", 4, log_every=2), "distill.eval_every": 2,
+      "distill.diagnostic_buckets": 3})
+  distill.distill(config, str(workdir))
+  rows = [r for r in _helpers.read_metrics(workdir) if "mmd2_to_data" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  vocab = workdir_lib.load_run_info(str(workdir))["data_info"].vocab_size
+  for row in rows:
+    for b in range(3):
+      assert 0.0 <= row[f"moment_mismatch/b{b}"] <= 2.0
+      assert 0.0 <= row[f"student_entropy/b{b}"] <= math.log(vocab) + 1e-5
+    assert "moment_mismatch/b3" not in row
+  assert any(row[f"moment_mismatch/b{b}"] > 0 for row in rows for b in range(3))
+
+
 @pytest.mark.parametrize("teacher_dir, message", [
     ("", "teacher_workdir is empty"),
     ("missing", "has no config.json"),
