@@ -66,7 +66,7 @@ MUTATIONS = [
     ("per-token normalisation dropped", "distill.py",
      "gen_loss=jnp.mean(jnp.sum(gen, -1)) / length,",
      "gen_loss=jnp.mean(jnp.sum(gen, -1)),"),
-    ("q(z_t | c) dropped from the class likelihoods", "kernels.py",
+    ("1 / q(z_t given c) dropped from the class likelihoods", "kernels.py",
      "log_q = log_a + log_m - log_n  # q(z_t | z_s) q(z_s | c) / q(z_t | c)",
      "log_q = log_a + log_m  # q(z_t | z_s) q(z_s | c) / q(z_t | c)"),
     ("masked posterior γ not divided by 1 − α_t", "kernels.py",

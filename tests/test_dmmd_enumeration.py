@@ -267,21 +267,19 @@ def test_masked_weight_is_exactly_the_elbo_weight_for_cosine(s):
 
 def test_a_few_updates_reduce_the_exact_moment_mismatch():
   """CI proof that distillation learns: 300 D-MMD rounds (auxiliary + student, the library's
-  loss on sampled draws) on the uniform copy toy lower the exactly enumerated moment mismatch
-  E_{s, z_s} ½‖E_student[x | z_s] − x̂_θ(z_s)‖₁ and raise the 1-step copy rate, for both
-  estimators (same seeds)."""
+  loss with the default estimator on sampled draws) on the uniform copy toy lower the exactly
+  enumerated moment mismatch E_{s, z_s} ½‖E_student[x | z_s] − x̂_θ(z_s)‖₁ and raise the 1-step
+  copy rate. (Both estimators over more seeds and updates: bench/uniform_estimator.py.)"""
   problem = dmmd_toy.ToyProblem(kernels.Kernel("uniform", K))
   grid = (jnp.arange(8) + 0.5) / 8
-  for estimator in ("soft", "rao_blackwell"):
-    cfg = distill.DistillConfig(student_steps=1, uniform_estimator=estimator)
-    student, aux, key = dmmd_toy.initial_state(problem, 0, 1.0)
-    before = float(dmmd_toy.exact_mismatch(problem, student, grid))
-    copy_before = float(dmmd_toy.copy_rate(problem, student))
-    student, _ = dmmd_toy.train(problem, cfg, student, aux, key, num_updates=300, batch_size=64,
-                                learning_rate=3e-2, aux_learning_rate=1e-1)
-    after = float(dmmd_toy.exact_mismatch(problem, student, grid))
-    copy_after = float(dmmd_toy.copy_rate(problem, student))
-    print(f"{estimator}: mismatch {before:.4f} → {after:.4f}, copy {copy_before:.3f} → "
-          f"{copy_after:.3f}")
-    assert after < before - 0.005
-    assert copy_after > copy_before + 0.02
+  cfg = distill.DistillConfig(student_steps=1)
+  student, aux, key = dmmd_toy.initial_state(problem, 0, 1.0)
+  before = float(dmmd_toy.exact_mismatch(problem, student, grid))
+  copy_before = float(dmmd_toy.copy_rate(problem, student))
+  student, _ = dmmd_toy.train(problem, cfg, student, aux, key, num_updates=300, batch_size=64,
+                              learning_rate=3e-2, aux_learning_rate=1e-1)
+  after = float(dmmd_toy.exact_mismatch(problem, student, grid))
+  copy_after = float(dmmd_toy.copy_rate(problem, student))
+  print(f"mismatch {before:.4f} → {after:.4f}, copy {copy_before:.3f} → {copy_after:.3f}")
+  assert after < before - 0.02
+  assert copy_after > copy_before + 0.1
