@@ -55,6 +55,7 @@ def copy_teacher_log_probs(problem: ToyProblem, z_s, s):
   return jnp.broadcast_to(posterior[..., None, :], z_s.shape + (k,))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_tables(problem: ToyProblem, key, noise_scale: float):
   """(student, auxiliary) logits. Both copy the teacher (the student at t = 1, the auxiliary at
   each bucket's mid time); the student's noise rows get N(0, noise_scale²) offsets."""
@@ -128,6 +129,7 @@ def _gather_states(log_q, z):
   return jnp.take_along_axis(log_q[:, :, None], z[None, None, :, :, None], axis=-1)[..., 0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def exact_mismatch(problem: ToyProblem, student, s_grid):
   """Mean over s in s_grid of E_{z_s}[mean_i ½ ‖E_student[x_i | z_s] − x̂_θ(z_s)_i‖₁] (exact)."""
   z = problem.states(problem.num_ids)
@@ -141,6 +143,7 @@ def exact_mismatch(problem: ToyProblem, student, s_grid):
   return jnp.mean(jax.vmap(at)(jnp.asarray(s_grid)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def copy_rate(problem: ToyProblem, student):
   """P(x_1 = … = x_L) for one student step from z_1 ~ π (exact)."""
   z = problem.states(problem.num_ids)
