@@ -30,6 +30,7 @@ TIME_GRIDS = ("uniform", "cosine")
 TOP_P_MODES = ("hard", "soft")
 NOISE_KINDS = ("none", "projection", "pyramid")
 POSITIONS = ("learned", "rotary")
+UNIFORM_ESTIMATORS = ("rao_blackwell", "soft")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,7 @@ class TrainConfig:
   sample_every: int = 0
   num_samples: int = 16
   uniform_elbo_steps: int = 1000
+  uniform_continuous_time: bool = True  # uniform teachers: train the T-step term at any t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +156,9 @@ class DistillConfig:
   eval_every: int = 200
   eval_samples: int = 64
   checkpoint_every: int = 500
+  uniform_estimator: str = "soft"  # uniform kernel: "soft" or unbiased "rao_blackwell"
+  score_dtype: str = "float32"  # teacher and auxiliary forwards in the D-MMD step
+  diagnostic_buckets: int = 4  # moment mismatch / entropy per bucket of s, logged at eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +413,7 @@ def validate(config) -> None:
       "distill.learning_rate", "distill.aux_learning_rate", "distill.samples_per_z",
       "distill.aux_updates_per_student", "distill.posterior_gap", "distill.log_every",
       "distill.checkpoint_every", "distill.teacher_temperature",
-      "distill.noise_lr_multiplier"), non_negative=(
+      "distill.noise_lr_multiplier", "distill.diagnostic_buckets"), non_negative=(
       "train.warmup_steps", "train.eval_every", "train.sample_every", "distill.warmup_steps",
       "distill.eval_every", "distill.noise_init_scale"))
   _check(0.0 < config.sample.top_p <= 1.0,
@@ -420,6 +425,8 @@ def validate(config) -> None:
   _check(config.distill.top_p_mode != "hard" or config.distill.allow_hard_top_p,
          "distill.top_p_mode='hard' makes the student loss diverge (the paper's ablation); set "
          "--config.distill.allow_hard_top_p=True to run it anyway.")
+  _check_choice(config.distill.uniform_estimator, UNIFORM_ESTIMATORS, "distill.uniform_estimator")
+  _check_choice(config.distill.score_dtype, ("float32", "bfloat16"), "distill.score_dtype")
   _check(not config.distill.soft_targets or config.kernel.kind == "masked",
          "distill.soft_targets is defined for the masked kernel only.")
   _check(config.distill.posterior_gap < 1.0, "distill.posterior_gap must be in (0, 1).")

@@ -62,11 +62,29 @@ def discrete_elbo(kernel: forward_process.ForwardProcess, log_x, x, z_t, t_index
   return num_steps * posterior_kl(kernel, log_x, x, z_t, s, t)
 
 
+def uniform_step_times(u, num_steps: int, continuous: bool):
+  """(s, t) `[batch]` of the sampled T-step ELBO term from u ∈ [0, 1) `[batch]`.
+
+  Grid: t = i / T, s = (i − 1) / T with i = ⌊u T⌋ + 1 (the exact T-step ELBO). Continuous:
+  t = 1 − u ∈ (0, 1], s = max(0, t − 1/T): the same step length at every t, so that a teacher
+  that D-MMD queries at continuous times has been trained there (with the grid it only sees
+  t = i / T, and its time embedding of 1000 t is off-grid elsewhere). Each term is still
+  minimised by x̂ = E[x | z_t]; the grid form stays the evaluation ELBO.
+  """
+  if continuous:
+    t = 1.0 - u
+    return jnp.maximum(t - 1.0 / num_steps, 0.0), t
+  t_index = jnp.floor(u * num_steps) + 1
+  return (t_index - 1) / num_steps, t_index / num_steps
+
+
 def diffusion_loss(key, params, apply_fn, kernel: forward_process.ForwardProcess, x,
-                   uniform_elbo_steps: int):
+                   uniform_elbo_steps: int, continuous_time: bool = False):
   """Negative ELBO of a batch, nats per sequence `[batch]`.
 
   apply_fn(params, tokens, t) → logits `[batch, length, K]`; x: int `[batch, length]`.
+  continuous_time (uniform only): sample the T-step term at continuous t (`uniform_step_times`),
+  for training.
   """
   time_key, noise_key = jax.random.split(key)
   u = antithetic_times(time_key, x.shape[0])
@@ -75,11 +93,10 @@ def diffusion_loss(key, params, apply_fn, kernel: forward_process.ForwardProcess
     z_t = forward_process.sample_marginal(noise_key, kernel, x, t)
     log_x = jax.nn.log_softmax(apply_fn(params, z_t, t), axis=-1)
     return masked_elbo(kernel, log_x, x, z_t, t)
-  t_index = jnp.floor(u * uniform_elbo_steps).astype(jnp.int32) + 1
-  t = t_index / uniform_elbo_steps
+  s, t = uniform_step_times(u, uniform_elbo_steps, continuous_time)
   z_t = forward_process.sample_marginal(noise_key, kernel, x, t)
   log_x = jax.nn.log_softmax(apply_fn(params, z_t, t), axis=-1)
-  return discrete_elbo(kernel, log_x, x, z_t, t_index, uniform_elbo_steps)
+  return uniform_elbo_steps * posterior_kl(kernel, log_x, x, z_t, s, t)
 
 
 def bits_per_token(nats_per_sequence, length: int):

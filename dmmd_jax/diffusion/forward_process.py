@@ -73,6 +73,10 @@ class ForwardProcess:
   def alpha(self, t):
     return schedules.alpha(t, self.schedule)
 
+  def one_minus_alpha(self, t):
+    """1 − α_t without float32 cancellation near t = 0."""
+    return schedules.one_minus_alpha(t, self.schedule)
+
 
 def safe_log(x):
   """log x with log 0 = NEG_INF (finite)."""
@@ -110,8 +114,9 @@ def marginal_probs(kernel: ForwardProcess, x_probs, t):
 
   x_probs `[..., K]`, t broadcastable to `[...]` → `[..., V_in]`.
   """
-  a = kernel.alpha(jnp.asarray(t))[..., None]
-  return a * _embed_data_probs(kernel, x_probs) + (1.0 - a) * prior_probs(kernel)
+  t = jnp.asarray(t)
+  a, one_minus_a = kernel.alpha(t)[..., None], kernel.one_minus_alpha(t)[..., None]
+  return a * _embed_data_probs(kernel, x_probs) + one_minus_a * prior_probs(kernel)
 
 
 def sample_marginal(key, kernel: ForwardProcess, x, t):
@@ -138,32 +143,79 @@ def posterior_log_probs(kernel: ForwardProcess, z_t, log_x, s, t):
   """
   s = jnp.broadcast_to(jnp.asarray(s, log_x.dtype), z_t.shape)[..., None]
   t = jnp.broadcast_to(jnp.asarray(t, log_x.dtype), z_t.shape)[..., None]
-  alpha_s, alpha_t = kernel.alpha(s), kernel.alpha(t)
+  # 1 − α in the cancellation-free form: in float32, α_s − α_t and 1 − α_t computed from α lose
+  # every digit at small times (cosine: α_t rounds to 1 for t ≲ 1e-4).
+  alpha_s, alpha_t, gap, bar_s, bar_t = _schedule_terms(kernel, s, t)
   if kernel.is_masked:
-    return _masked_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t)
-  return _uniform_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t)
+    return _masked_posterior_log_probs(kernel, z_t, log_x, gap, bar_s, bar_t)
+  return _uniform_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t, gap, bar_s, bar_t)
 
 
-def _masked_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t):
-  # z_t = MASK: token j with prob γ x̂_j, γ = (α_s − α_t)/(1 − α_t); MASK with prob 1 − γ.
-  denom = jnp.maximum(1.0 - alpha_t, 1e-12)
-  gamma = jnp.clip((alpha_s - alpha_t) / denom, 0.0, 1.0)
-  from_mask = jnp.concatenate([safe_log(gamma) + log_x, safe_log(1.0 - gamma)], axis=-1)
+def _schedule_terms(kernel, s, t):
+  """α_s, α_t, α_s − α_t, 1 − α_s, 1 − α_t, each from the float32-accurate form: 1 − α near
+  t = 0 (cancellation-free), α itself near t = 1."""
+  alpha_s, alpha_t = kernel.alpha(s), kernel.alpha(t)
+  bar_s, bar_t = kernel.one_minus_alpha(s), kernel.one_minus_alpha(t)
+  gap = jnp.where(alpha_s < 0.5, alpha_s - alpha_t, bar_t - bar_s)
+  return alpha_s, alpha_t, gap, bar_s, bar_t
+
+
+def _masked_posterior_log_probs(kernel, z_t, log_x, gap, bar_s, bar_t):
+  # z_t = MASK: token j with prob γ x̂_j, γ = (α_s − α_t)/(1 − α_t); MASK with prob
+  # 1 − γ = (1 − α_s)/(1 − α_t). At t = 0 nothing is masked: γ = 0 keeps the row normalised.
+  denom = jnp.maximum(bar_t, 1e-30)
+  positive = bar_t > 0
+  gamma = jnp.where(positive, jnp.clip(gap / denom, 0.0, 1.0), 0.0)
+  stay_masked = jnp.where(positive, jnp.clip(bar_s / denom, 0.0, 1.0), 1.0)
+  from_mask = jnp.concatenate([safe_log(gamma) + log_x, safe_log(stay_masked)], axis=-1)
   # z_t ≠ MASK: z_s = z_t.
   stay = log_one_hot(z_t, kernel.input_vocab_size)
   is_mask = (z_t == kernel.mask_id)[..., None]
   return jnp.where(is_mask, from_mask, stay)
 
 
-def _uniform_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t):
+def _uniform_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t, gap, bar_s, bar_t):
   k = kernel.vocab_size
-  alpha_ts = alpha_t / jnp.maximum(alpha_s, 1e-12)
+  safe_alpha_s = jnp.maximum(alpha_s, 1e-12)
+  alpha_ts = alpha_t / safe_alpha_s
+  # 1 − α_{t|s} = (α_s − α_t) / α_s; at s = 1 (α_s = 0) α_{t|s} = 0.
+  bar_ts = jnp.where(alpha_s > 0, jnp.clip(gap / safe_alpha_s, 0.0, 1.0), 1.0)
   is_i = jax.nn.one_hot(z_t, k, dtype=bool)
-  log_a = safe_log(jnp.where(is_i, alpha_ts, 0.0) + (1.0 - alpha_ts) / k)
-  log_n = safe_log(jnp.where(is_i, alpha_t, 0.0) + (1.0 - alpha_t) / k)
+  log_a = safe_log(jnp.where(is_i, alpha_ts, 0.0) + bar_ts / k)
+  log_n = safe_log(jnp.where(is_i, alpha_t, 0.0) + bar_t / k)
   x_over_n = log_x - log_n  # log x̂_c / n_c
   direct = safe_log(alpha_s) + x_over_n
-  spread = safe_log((1.0 - alpha_s) / k) + jax.nn.logsumexp(x_over_n, axis=-1, keepdims=True)
+  spread = safe_log(bar_s / k) + jax.nn.logsumexp(x_over_n, axis=-1, keepdims=True)
   mixture = log_a + jnp.logaddexp(direct, spread)
-  # α_t = 1 (t = 0, or cosine t ≲ 1.6e-4 in float32): no noise up to t, so z_s = z_t.
-  return jnp.where(alpha_t >= 1.0, log_one_hot(z_t, k), mixture)
+  # 1 − α_t = 0 (t = 0): no noise up to t, so z_s = z_t.
+  return jnp.where(bar_t <= 0.0, log_one_hot(z_t, k), mixture)
+
+
+
+def class_log_likelihoods(kernel: ForwardProcess, z_t, z_s, s, t):
+  """log q(z_s | z_t, x = e_c) for every clean token c: `[..., K]`, O(K) per position.
+
+  z_t, z_s: int `[...]` input ids; s, t broadcastable to `[...]` with s ≤ t. Impossible
+  (z_t, z_s) pairs give NEG_INF for every c.
+  """
+  dtype = jnp.result_type(float)
+  s = jnp.broadcast_to(jnp.asarray(s, dtype), z_t.shape)[..., None]
+  t = jnp.broadcast_to(jnp.asarray(t, dtype), z_t.shape)[..., None]
+  alpha_s, alpha_t, gap, bar_s, bar_t = _schedule_terms(kernel, s, t)
+  k = kernel.vocab_size
+  same = (z_s == z_t)[..., None]
+  is_c = jnp.arange(k) == z_s[..., None]  # [..., K]: c = z_s
+  if kernel.is_masked:
+    positive = bar_t > 0
+    gamma = jnp.where(positive, jnp.clip(gap / jnp.maximum(bar_t, 1e-30), 0.0, 1.0), 0.0)
+    stay = jnp.where(positive, jnp.clip(bar_s / jnp.maximum(bar_t, 1e-30), 0.0, 1.0), 1.0)
+    from_mask = jnp.where(z_s[..., None] == kernel.mask_id, safe_log(stay),
+                          jnp.where(is_c, safe_log(gamma), NEG_INF))
+    unmasked = jnp.where(same, 0.0, jnp.full(is_c.shape, NEG_INF))
+    return jnp.where((z_t == kernel.mask_id)[..., None], from_mask, unmasked)
+  bar_ts = jnp.where(alpha_s > 0, jnp.clip(gap / jnp.maximum(alpha_s, 1e-12), 0.0, 1.0), 1.0)
+  log_a = safe_log(jnp.where(same, 1.0 - bar_ts, 0.0) + bar_ts / k)  # q(z_t | z_s)
+  log_m = safe_log(jnp.where(is_c, alpha_s, 0.0) + bar_s / k)  # q(z_s | c)
+  log_n = safe_log(jnp.where(jnp.arange(k) == z_t[..., None], alpha_t, 0.0) + bar_t / k)
+  log_q = log_a + log_m - log_n  # q(z_t | z_s) q(z_s | c) / q(z_t | c)
+  return jnp.where(bar_t <= 0.0, jnp.where(same, 0.0, NEG_INF), log_q)

@@ -7,6 +7,7 @@ turn it is follows from the update's index, which equals `state.step`), and the 
 what `experiments/sample.py` samples.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -18,8 +19,8 @@ import optax
 
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import sampling
-from dmmd_jax.distill import dmmd
-from dmmd_jax.evaluation import metrics
+from dmmd_jax.distill import diagnostics, dmmd
+from dmmd_jax.evaluation import metrics as metrics_lib
 from dmmd_jax.infra import sharding
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.models import denoiser
@@ -155,17 +156,43 @@ def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scal
                       aux_opt=state_lib.init_opt_state(aux_opt, teacher, mesh))
 
 
-def distill_optimizers(config):
-  """(student, auxiliary) optimizers; the student's noise projection may learn faster."""
+def update_counts(num_steps: int, aux_updates_per_student: int) -> tuple[int, int]:
+  """(student, auxiliary) updates among the first num_steps (see `is_student_turn`)."""
+  student = num_steps // (aux_updates_per_student + 1)
+  return student, num_steps - student
+
+
+def distill_optimizers(config: config_lib.ExperimentConfig):
+  """(student, auxiliary) optimizers; the student's noise projection may learn faster.
+
+  Each optimizer's schedule counts its own updates, so warm-up and decay are sized to the share
+  of distill.num_steps that network really gets (`update_counts`), and both end their cosine
+  decay when the run ends.
+  """
   d = config.distill
-  make = functools.partial(state_lib.make_optimizer, warmup_steps=d.warmup_steps,
-                           total_steps=d.num_steps, grad_clip=d.grad_clip)
-  student = make(d.learning_rate)
+  counts = update_counts(d.num_steps, d.aux_updates_per_student)
+  student_steps, aux_steps = (max(n, 1) for n in counts)
+
+  def make(learning_rate, total):
+    warmup = round(d.warmup_steps * total / d.num_steps)
+    return state_lib.make_optimizer(learning_rate, warmup_steps=warmup, total_steps=total,
+                                    grad_clip=d.grad_clip)
+
+  student = make(d.learning_rate, student_steps)
   if d.noise_lr_multiplier != 1.0:
     student = optax.multi_transform(
-        {"default": student, "noise": make(d.learning_rate * d.noise_lr_multiplier)},
+        {"default": student,
+         "noise": make(d.learning_rate * d.noise_lr_multiplier, student_steps)},
         lambda params: {k: ("noise" if k == "noise_proj" else "default") for k in params})
-  return student, make(d.aux_learning_rate)
+  return student, make(d.aux_learning_rate, aux_steps)
+
+
+def score_apply_fn(setup):
+  """The teacher's and auxiliary's forward in the D-MMD step: the model's, computed in
+  distill.score_dtype (default float32: with bfloat16 logits the rounding noise of the log-ratio
+  exceeds its signal)."""
+  model_cfg = dataclasses.replace(setup.model_cfg, dtype=setup.config.distill.score_dtype)
+  return functools.partial(denoiser.apply, cfg=model_cfg)
 
 
 def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shardings,
@@ -174,7 +201,8 @@ def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shar
   c = setup.config
   estimator = functools.partial(dmmd.moment_matching_estimator, apply_fn=setup.apply_fn,
                                 kernel=setup.kernel, cfg=cfg,
-                                noise_fn=student_noise_fn(setup, cfg))
+                                noise_fn=student_noise_fn(setup, cfg),
+                                score_apply_fn=score_apply_fn(setup))
   common = dict(estimator=estimator, ema_decay=c.distill.ema_decay, seed=c.seed)
   batch = sharding.batch_sharding(setup.mesh)
   out = (shardings, sharding.replicated(setup.mesh))
@@ -227,8 +255,19 @@ def distill_student(config, workdir: str) -> dict:
       turn = is_student_turn(index, d.aux_updates_per_student)
       return (student_update if turn else aux_update)(state, teacher, batch)
 
+    diagnose = jax.jit(functools.partial(
+        diagnostics.diagnose_student, apply_fn=setup.apply_fn,
+        score_apply_fn=score_apply_fn(setup), kernel=setup.kernel, cfg=cfg,
+        noise_fn=student_noise_fn(setup, cfg), num_buckets=d.diagnostic_buckets))
+    held_out = jnp.asarray(setup.eval_tokens[:max(d.eval_samples, d.diagnostic_buckets)])
+
     def evaluate(state, step):
-      return evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+      metrics = evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+      per_bucket = jax.device_get(diagnose(state.student, state.aux, teacher, held_out,
+                                           jax.random.key(step)))
+      for name, values in per_bucket.items():
+        metrics.update({f"{name}/b{b}": float(v) for b, v in enumerate(values)})
+      return metrics
 
     state = loop.run_loop(
         state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
@@ -245,4 +284,4 @@ def evaluate_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int,
   """Kernel MMD² between student samples and held-out data (logged during distillation)."""
   tokens = sample_student(setup, params, cfg, num_samples, jax.random.key(step))
   held_out = setup.eval_tokens[:num_samples]
-  return {"mmd2_to_data": float(metrics.mmd2(np.asarray(tokens), held_out))}
+  return {"mmd2_to_data": float(metrics_lib.mmd2(np.asarray(tokens), held_out))}

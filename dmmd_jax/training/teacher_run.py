@@ -43,14 +43,14 @@ def init_teacher_state(setup: setup_lib.Setup, optimizer):
 
 
 def teacher_step(state: state_lib.TrainState, batch, *, apply_fn, kernel, optimizer,
-                 ema_decay: float,
-                 uniform_elbo_steps: int, seed: int):
+                 ema_decay: float, uniform_elbo_steps: int, seed: int,
+                 continuous_time: bool = False):
   """One AdamW step on the negative ELBO. batch: int `[batch, length]`."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
     return jnp.mean(elbo.diffusion_loss(key, params, apply_fn, kernel, batch,
-                                          uniform_elbo_steps))
+                                        uniform_elbo_steps, continuous_time))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -67,7 +67,8 @@ def compile_teacher_step(setup: setup_lib.Setup, optimizer, shardings):
   c = setup.config
   step = functools.partial(
       teacher_step, apply_fn=setup.apply_fn, kernel=setup.kernel, optimizer=optimizer,
-      ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed)
+      ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed,
+      continuous_time=c.train.uniform_continuous_time)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
