@@ -19,6 +19,9 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Run-defining fields (comma-separated, e.g. "seed,distill.teacher_workdir") a resumed run may
+  # change; by default any change is refused (dmmd_jax/workdir_guard.py).
+  c.resume_override = ""
   c.data = ml_collections.ConfigDict(dict(
       source="shakespeare", tokenizer="char", path="", vocab_size=0, seq_len=128,
       eval_fraction=0.05, tfds_name="", tfds_data_dir="", cache_dir="", levels=0,
@@ -164,6 +167,19 @@ def validate(config) -> None:
     raise ConfigError(f"model.noise_kind must be one of {denoiser.NOISE_KINDS}.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError("model.dtype must be 'float32' or 'bfloat16'.")
+  _check_resume_override(config)
   if config.model.width % config.model.num_heads:
     raise ConfigError(f"model.width ({config.model.width}) must be a multiple of "
                       f"model.num_heads ({config.model.num_heads}).")
+
+
+def _check_resume_override(config) -> None:
+  fields = [f.strip() for f in config.get("resume_override", "").split(",") if f.strip()]
+  for field in fields:
+    section, _, key = field.partition(".")
+    value = config.get(section)
+    nested = isinstance(value, ml_collections.ConfigDict)
+    known = section in config and ((key in value) if nested else not key)
+    if not known:
+      raise ConfigError(f"resume_override: {field!r} is not a config field (e.g. "
+                        "'seed,distill.teacher_workdir').")

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -285,9 +286,12 @@ def _read_text_file(cfg) -> str:
   if not path.is_file():
     raise DataError(f"text_file: no file at path={str(path)!r}.")
   try:
-    return path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"text_file: {path} is not UTF-8 text ({e}).") from e
+  if not text.strip():
+    raise DataError(f"text_file: {path} is empty (no text to train on).")
+  return text
 
 
 def _join_docs(tok: tokenizers.Tokenizer, docs: list[str]) -> np.ndarray:
@@ -340,7 +344,7 @@ def _load_npy(cfg):
   path = pathlib.Path(_get(cfg, "path", "") or "").expanduser()
   if not path.is_file():
     raise DataError(f"npy: no file at path={str(path)!r}.")
-  tokens = np.load(path, allow_pickle=False)
+  tokens = load_token_array(path)
   vocab = int(_get(cfg, "vocab_size", 0) or 0)
   _check_token_array(tokens, vocab, str(path))
   seq_len = int(_get(cfg, "seq_len", 0) or 0)
@@ -356,6 +360,15 @@ def _load_npy(cfg):
   max_examples = _max_examples(cfg)
   info = DataInfo(kind="text", vocab_size=vocab, seq_len=int(tokens.shape[1]))
   return _cap(train, max_examples), _cap(evals, max_examples), info
+
+
+def load_token_array(path) -> np.ndarray:
+  """np.load of a .npy file; DataError naming the path if it is empty, truncated or not .npy."""
+  try:
+    return np.load(path, allow_pickle=False)
+  except (EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"{path} is not a readable .npy array ({reason}).") from None
 
 
 def _check_token_array(tokens: np.ndarray, vocab: int, name: str) -> None:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dmmd_jax import config_lib, denoiser, kernels, sampling, sharding
+from dmmd_jax import config_lib, denoiser, kernels, sampling, sharding, workdir_guard
 from dmmd_jax import train as train_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -245,8 +245,9 @@ def load_teacher(setup, teacher_workdir: str):
     raise DistillError(f"teacher workdir {teacher_workdir} has no config.json; train a teacher "
                        "there first (experiments/train_teacher.py).")
   stored = workdir_lib.read_json(config_path)
-  mismatch = workdir_lib.architecture_mismatch(stored, workdir_lib.config_to_dict(setup.config),
-                                               ignore=workdir_lib.STUDENT_FREE_KEYS)
+  mismatch = workdir_lib.architecture_mismatch(
+      stored, workdir_lib.config_to_dict(setup.config),
+      ignore=workdir_lib.STUDENT_FREE_KEYS + workdir_guard.moved_data_keys(teacher_workdir, setup))
   if mismatch:
     raise DistillError(f"teacher at {teacher_workdir} does not match this config ({mismatch}).")
   info = workdir_lib.load_run_info(teacher_workdir)["data_info"]
@@ -359,22 +360,24 @@ def sample_student(setup, params, cfg: DistillConfig, num_samples: int, key, **s
                          setup.seq_len, noise_fn=student_noise_fn(setup, cfg))
 
 
+@workdir_guard.releases_locks
 def distill(config, workdir: str) -> dict:
   """Distil (or resume distilling) a student from config.distill.teacher_workdir."""
   d = config.distill
   setup = train_lib.build_setup(config, d.batch_size)
   cfg = DistillConfig.from_config(config)
   teacher = load_teacher(setup, d.teacher_workdir)
-  workdir_lib.prepare(workdir, config, {"kind": "student", "data_info": setup.info,
-                                        "student_steps": d.student_steps,
-                                        "teacher_workdir": d.teacher_workdir})
+  workdir_guard.claim(workdir, "student", config, {"kind": "student", "data_info": setup.info,
+                                                    "student_steps": d.student_steps,
+                                                    "teacher_workdir": d.teacher_workdir},
+                      (setup.train_tokens, setup.eval_tokens))
   student_opt, aux_opt = distill_optimizers(config)
   state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
                              jax.random.key(config.seed + 1), d.noise_init_scale)
   shardings = train_lib.shardings_of(state)
   iterator = train_lib.data_iterator(setup, d.batch_size, config.seed)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = train_lib.restore_or_init(manager, state, shardings, iterator)
+  state = train_lib.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
 
   with sharding.rules_context(setup.mesh):

@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dmmd_jax import config_lib, runs
+from dmmd_jax import config_lib, outputs, runs, workdir_guard
 from dmmd_jax import data as data_lib
 from dmmd_jax import feature_net as feature_net_lib
 from dmmd_jax import metrics as metrics_lib
@@ -161,6 +161,7 @@ def _check_lm_train_config(t) -> None:
       raise config_lib.ConfigError(f"config.train.{key} must be positive, got {t[key]}.")
 
 
+@workdir_guard.releases_locks
 def train_reference(config, workdir: str, progress: bool = True) -> dict:
   """Trains the reference LM on config.data (or config.data_from's data) and stores it.
 
@@ -172,6 +173,7 @@ def train_reference(config, workdir: str, progress: bool = True) -> dict:
   _check_lm_train_config(t)
   data_cfg = feature_net_lib.data_config(config)
   train_tokens, eval_tokens, info = data_lib.load_dataset(data_cfg)
+  workdir_guard.claim_record(workdir, "reference_lm")
   lm_cfg = reference_lm_lib.ReferenceLMConfig(
       info.vocab_size, info.seq_len, m.num_layers, m.width, m.num_heads, m.mlp_ratio,
       m.positions, m.tie_embeddings)
@@ -638,10 +640,7 @@ def load_sample_file(path: str, info: data_lib.DataInfo) -> np.ndarray:
   """int32 `[n, L]` tokens of an .npy sample file, checked against the models' vocabulary/length."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"sample file {path} does not exist.")
-  try:
-    tokens = np.load(path, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(f"{path} is not a numpy .npy token array ({e}).") from None
+  tokens = data_lib.load_token_array(path)
   return check_tokens(tokens, info.vocab_size, info.seq_len, f"sample file {path}")
 
 
@@ -690,6 +689,7 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
     raise ValueError(f"--num_samples must be at least 4, got {num_samples}.")
   if not workdirs:
     raise ValueError("--workdirs is empty.")
+  outputs.check_writable_dir(output_dir)
   steps_for = steps_for_models(steps)
   models = [runs.load(w) for w in workdirs]
   ref = _pick_reference(models, reference)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dmmd_jax import data as data_lib
 from dmmd_jax import workdir as workdir_lib
+from dmmd_jax import workdir_guard
 
 CONFIG_FILE = "feature_net.json"
 PARAMS_FILE = "params.npz"
@@ -301,6 +302,7 @@ def data_config(config) -> ml_collections.ConfigDict:
   return config.data
 
 
+@workdir_guard.releases_locks
 def train_and_save(config, workdir: str) -> dict:
   """What experiments/train_feature_net.py runs: load data + labels, train, evaluate, store."""
   data_cfg = data_config(config)
@@ -310,6 +312,7 @@ def train_and_save(config, workdir: str) -> dict:
   train_labels, eval_labels = load_labels(data_cfg)
   if (len(train_labels), len(eval_labels)) != (len(train_tokens), len(eval_tokens)):
     raise data_lib.DataError("labels and images are not aligned (different counts).")
+  workdir_guard.claim_record(workdir, "feature_net")
   m, t = config.model, config.train
   net_cfg = FeatureNetConfig(tuple(info.image_shape), info.vocab_size,
                              int(max(train_labels.max(), eval_labels.max()) + 1),

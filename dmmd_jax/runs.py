@@ -5,6 +5,7 @@ import functools
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from dmmd_jax import config_lib, distill, losses, sampling, train
 from dmmd_jax import workdir as workdir_lib
@@ -41,14 +42,16 @@ class Model:
                                      uniform_elbo_steps=s.config.train.uniform_elbo_steps))
 
   def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
-             **sampler_overrides) -> np.ndarray:
-    """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once)."""
+             progress: bool = False, **sampler_overrides) -> np.ndarray:
+    """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once);
+    progress: a progress bar over the batches on stderr."""
     sampler_cfg = config_lib.sampler_config(self.setup.config, steps or self.default_steps,
                                             **sampler_overrides)
     sampler_cfg.validate()
     batch_size = batch_size or num_samples
     out = []
-    for i in range(0, num_samples, batch_size):
+    for i in tqdm(range(0, num_samples, batch_size), desc="sampling", unit="batch",
+                  disable=not progress, dynamic_ncols=True):
       n = min(batch_size, num_samples - i)
       out.append(np.asarray(sampling.sample(
           jax.random.fold_in(jax.random.key(seed), i), self.setup.apply_fn, self.params,

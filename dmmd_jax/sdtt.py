@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dmmd_jax import distill, kernels, sampling, sharding
+from dmmd_jax import distill, kernels, sampling, sharding, workdir_guard
 from dmmd_jax import train as train_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -212,19 +212,10 @@ def _prepare_workdir(workdir, config, setup, schedule, start_steps):
   info = {"kind": "student", "method": "sdtt", "data_info": setup.info,
           "student_steps": d.student_steps, "teacher_workdir": d.teacher_workdir,
           "start_steps": start_steps, "num_rounds": len(schedule)}
-  try:
-    stored = workdir_lib.load_run_info(workdir)
-  except workdir_lib.WorkdirError:
-    stored = None
-  if stored is not None and (stored.get("method"), stored.get("start_steps"),
-                             stored.get("student_steps")) != ("sdtt", start_steps,
-                                                              d.student_steps):
-    raise SDTTError(f"{workdir} holds a different run ({stored.get('method', 'dmmd')}, start "
-                    f"{stored.get('start_steps')}, k={stored.get('student_steps')}); use a new "
-                    "--workdir.")
-  workdir_lib.prepare(workdir, config, info)
+  workdir_guard.claim(workdir, "sdtt", config, info, (setup.train_tokens, setup.eval_tokens))
 
 
+@workdir_guard.releases_locks
 def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   """Run (or resume) SDTT rounds from config.distill.teacher_workdir down to k steps.
 
@@ -247,7 +238,7 @@ def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   shardings = train_lib.shardings_of(state)
   iterator = train_lib.data_iterator(setup, d.batch_size, config.seed)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = train_lib.restore_or_init(manager, state, shardings, iterator)
+  state = train_lib.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
   loss_fn = functools.partial(sdtt_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
                               grid=config.sample.grid)

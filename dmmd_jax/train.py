@@ -19,7 +19,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dmmd_jax import config_lib, denoiser, losses, sampling, sharding
+from dmmd_jax import (
+  checkpoint_fallback,
+  config_lib,
+  denoiser,
+  losses,
+  sampling,
+  sharding,
+  workdir_guard,
+)
 from dmmd_jax import data as data_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -209,8 +217,9 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
   """The shared loop: steps, NaN guard, logging, periodic hooks, checkpoints, progress bar.
 
   step_fn(state, global_batch) → (state, metrics dict of scalars). periodic: (every, fn(state,
-  step) → dict of scalars to log). A non-finite metric whose name ends in "loss…" stops the run
-  with TrainingError before the next checkpoint, so the last checkpoint on disk is always good.
+  step) → dict of scalars to log). A non-finite loss or gradient norm stops the run with
+  TrainingError before the next checkpoint, so the last checkpoint on disk is always good (the
+  error names its step, or says that none was written).
   """
   start = int(state.step)
   pending = []
@@ -235,6 +244,12 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
         bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
       if step % checkpoint_every == 0 or step == num_steps:
         workdir_lib.save_checkpoint(manager, step, state, iterator.get_state())
+  except TrainingError as e:  # say which checkpoint is kept only once it is complete on disk
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    raise TrainingError(f"{e} " + (f"The last good checkpoint (step {kept}) is kept" if kept
+                                   else "No checkpoint was written yet") +
+                        "; lower the learning rate or check the data.") from None
   finally:  # an error (e.g. a NaN) must not leave the last checkpoint half-written
     bar.close()
     manager.wait_until_finished()
@@ -246,33 +261,33 @@ def _check_and_average(pending, first_step: int) -> dict:
   for offset, metrics in enumerate(host):
     for name, value in metrics.items():
       if ("loss" in name or name.endswith("grad_norm")) and not np.isfinite(value):
-        raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping. The "
-                            "last good checkpoint is kept; lower the learning rate or check the "
-                            "data.")
+        raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping.")
   names = sorted({k for m in host for k in m})  # alternating updates may log different names
   return {k: float(np.mean([m[k] for m in host if k in m])) for k in names}
 
 
-def restore_or_init(manager, state, shardings, iterator):
-  """Resume from the latest checkpoint if one exists; returns the state."""
+def restore_or_init(manager, state, shardings, iterator, workdir: str):
+  """Resume from the newest readable checkpoint if one exists; returns the state."""
   if manager.latest_step() is None:
     return state
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
-  state, data_state = workdir_lib.restore_checkpoint(manager, abstract)
+  state, data_state = checkpoint_fallback.restore_newest(manager, workdir, abstract)
   iterator.set_state(data_state)
   return state
 
 
+@workdir_guard.releases_locks
 def train_teacher(config, workdir: str) -> dict:
   """Train (or resume) a teacher; returns final metrics {step, eval_bpt}."""
   setup = build_setup(config, config.train.batch_size)
-  workdir_lib.prepare(workdir, config, {"kind": "teacher", "data_info": setup.info})
+  workdir_guard.claim(workdir, "teacher", config, {"kind": "teacher", "data_info": setup.info},
+                      (setup.train_tokens, setup.eval_tokens))
   optimizer = teacher_optimizer(config)
   state, shardings = init_teacher_state(setup, optimizer)
   iterator = data_iterator(setup, config.train.batch_size, config.seed)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = restore_or_init(manager, state, shardings, iterator)
+  state = restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
   t = config.train
 

@@ -10,6 +10,7 @@
 
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -26,6 +27,10 @@ STUDENT_FREE_KEYS = ("model.noise_kind", "model.noise_dim", "model.pyramid_level
                      "model.dtype", "model.attention_impl")
 
 
+# Keys whose values are file-system locations, compared normalised (`a//b` = `a/b`).
+PATH_KEYS = ("path", "tfds_data_dir", "cache_dir")
+
+
 class WorkdirError(ValueError):
   """A workdir that cannot be used as asked."""
 
@@ -35,8 +40,12 @@ def config_to_dict(config) -> dict:
 
 
 def read_json(path):
-  with open(path) as f:
-    return json.load(f)
+  """The JSON value stored at `path`; WorkdirError naming the path if it is not valid JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f"{path} is not valid JSON ({e}); the file is damaged.") from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -61,32 +70,15 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
   for section in ARCHITECTURE_SECTIONS:
     a, b = stored.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key) and f"{section}.{key}" not in ignore:
+      same = a.get(key) == b.get(key) or (
+          key in PATH_KEYS and _norm(a.get(key)) == _norm(b.get(key)))
+      if not same and f"{section}.{key}" not in ignore:
         return f"{section}.{key}: stored {a.get(key)!r}, now {b.get(key)!r}"
   return None
 
 
-def prepare(workdir: str, config, run_info: dict) -> None:
-  """Create the workdir and store config/run info; refuse a workdir of a different run."""
-  current = config_to_dict(config)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    mismatch = architecture_mismatch(read_json(path), current)
-    if mismatch:
-      raise WorkdirError(f"{workdir} holds a different run ({mismatch}); use a new --workdir.")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_json_atomically(path, current)
-    info = dict(run_info, data_info=run_info["data_info"].to_json())
-    _write_json_atomically(os.path.join(workdir, "run.json"), info)
-
-
-def _write_json_atomically(path: str, value) -> None:
-  """Replace the file in one step: other hosts may be reading it at this moment (a resume)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
+def _norm(path):
+  return os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -123,8 +115,7 @@ class MetricsLog:
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [r for r in f if json.loads(r)["step"] <= resume_step]
+      rows = [r for r in _complete_rows(self.path) if json.loads(r)["step"] <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(rows)
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, host 0 only)
@@ -144,6 +135,26 @@ class MetricsLog:
       self.writer.close()
 
 
+def _complete_rows(path: str) -> list:
+  """The lines of a metrics log; a damaged last line (a write cut by a kill) is dropped with a
+  warning, a damaged earlier line is a WorkdirError naming it."""
+  with open(path) as f:
+    lines = f.readlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      if number < len(lines):
+        raise WorkdirError(f"{path} line {number} is damaged ({line[:60]!r}); repair or remove "
+                           "the line.") from None
+      print(f"warning: dropped the incomplete last line of {path} ({line[:60]!r}).",
+            file=sys.stderr, flush=True)
+      return lines[:-1]
+  if lines and not lines[-1].endswith("\n"):  # complete JSON, cut before its newline
+    lines[-1] += "\n"
+  return lines
+
+
 def read_metrics(workdir: str) -> list:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(r) for r in f]
@@ -153,25 +164,28 @@ def load_params(workdir: str, name: str, step=None):
   """Parameters `name` (e.g. "ema_params", "student_ema") of a run's checkpoint, as host arrays.
 
   Restores without a target, so it needs no optimizer or model object, and as numpy arrays, so
-  it works on any number of devices and processes (not only the topology that saved it); raises
-  WorkdirError with the path when there is no checkpoint or it cannot be read.
+  it works on any number of devices and processes (not only the topology that saved it). Without
+  `step`, an unreadable newest checkpoint falls back to the previous one (with a warning); raises
+  WorkdirError with the path when there is no checkpoint or none can be read.
   """
+  from dmmd_jax import checkpoint_fallback  # noqa: PLC0415 (it imports this module)
+
   if not has_checkpoint(workdir):
     raise WorkdirError(f"{workdir} has no checkpoint (expected {workdir}/checkpoints/<step>/).")
   manager = checkpoint_manager(workdir, keep=1_000_000)
-  step = manager.latest_step() if step is None else step
-  try:
+
+  def read(step):
     metadata = ocp.PyTreeCheckpointHandler().metadata(manager.directory / str(step) / "state")
     tree = getattr(metadata, "tree", metadata)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-  except Exception as e:  # orbax raises many types for unreadable files
-    raise WorkdirError(f"checkpoint {workdir}/checkpoints/{step} could not be read "
-                       f"({type(e).__name__}: {str(e)[:200]}).") from None
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))["state"]
+
+  try:
+    step, state, _ = checkpoint_fallback.newest_readable(
+        workdir, manager.all_steps() if step is None else [step], read)
   finally:
     manager.close()
-  state = restored["state"]
   if name not in state:
     raise WorkdirError(f"checkpoint {workdir}/checkpoints/{step} has no {name!r} "
                        f"(it holds {sorted(state)}).")

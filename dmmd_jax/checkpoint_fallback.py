@@ -1,0 +1,101 @@
+"""Restore from the newest checkpoint that can be read, with a warning naming each one that cannot.
+
+A checkpoint step directory can be damaged after orbax finished it (a deleted or truncated blob,
+a full disk, a bad copy). Restoring then falls back to the previous step, prints one
+`warning: …` line per unreadable step directory on stderr, and, when training resumes, moves the
+unreadable directories aside to `checkpoints/<step>.unreadable` (kept for inspection; orbax
+ignores the name) so that the resumed run can write those steps again. With no readable step the
+error is one `WorkdirError` line naming the newest step directory; nothing is moved then.
+"""
+
+import os
+import sys
+
+import jax
+from jax.experimental import multihost_utils
+
+from dmmd_jax import workdir as workdir_lib
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def step_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "checkpoints", str(step))
+
+
+def _reason(e: Exception) -> str:
+  first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def newest_readable(workdir: str, steps, read):
+  """(step, read(step)) for the newest step in `steps` that `read` can load.
+
+  read: step → value; any exception means "unreadable" (orbax raises many types for damaged
+  files). Returns (step, value, unreadable newer steps); raises WorkdirError if none reads.
+  """
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      value = read(step)
+    except Exception as e:  # noqa: BLE001 (orbax, tensorstore, json, OS errors alike)
+      failed.append((step, _reason(e)))
+      print(f"warning: checkpoint {step_dir(workdir, step)} could not be read ({_reason(e)}); "
+            "trying the previous checkpoint.", file=sys.stderr, flush=True)
+      continue
+    return step, value, [s for s, _ in failed]
+  if not failed:
+    raise workdir_lib.WorkdirError(f"{workdir} has no checkpoint (expected "
+                                   f"{workdir}/checkpoints/<step>/).")
+  step, reason = failed[0]
+  raise workdir_lib.WorkdirError(
+      f"no readable checkpoint in {workdir}/checkpoints (newest {step_dir(workdir, step)}: "
+      f"{reason}); restore the files or start a new --workdir.")
+
+
+def set_aside(manager, workdir: str, steps) -> None:
+  """Rename unreadable step directories to `<step>.unreadable` and let orbax re-list the steps."""
+  if not steps:
+    return
+  for step in steps if jax.process_index() == 0 else ():
+    source = step_dir(workdir, step)
+    target = source + UNREADABLE_SUFFIX
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}{UNREADABLE_SUFFIX}{n}"
+    os.replace(source, target)
+    print(f"warning: moved the unreadable {source} to {target}; training resumes from the "
+          "previous checkpoint.", file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dmmd_jax: unreadable checkpoints set aside")
+  manager.reload()
+
+
+def restore_newest(manager, workdir: str, state_target):
+  """(state, data_state) of the newest readable checkpoint; unreadable newer ones set aside."""
+  step, restored, unreadable = newest_readable(
+      workdir, manager.all_steps(),
+      lambda s: workdir_lib.restore_checkpoint(manager, state_target, s))
+  del step
+  set_aside(manager, workdir, unreadable)
+  return restored
+
+
+def silence_closed_event_loop_errors() -> None:
+  """Drop the "Event loop is closed" tracebacks of a failed orbax restore.
+
+  When one array of a checkpoint cannot be read, orbax's restore raises and closes its asyncio
+  loop while tensorstore still completes the reads of the other arrays; each completion then
+  calls into the closed loop and tensorstore prints that RuntimeError through sys.excepthook. It
+  carries no information (the restore error is reported already); every other exception goes to
+  the previous hook unchanged.
+  """
+  previous = sys.excepthook
+
+  def hook(kind, value, traceback):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, traceback)
+
+  sys.excepthook = hook
