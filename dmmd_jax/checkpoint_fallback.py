@@ -23,6 +23,13 @@ def step_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "checkpoints", str(step))
 
 
+def saved_steps(workdir: str) -> list:
+  """Steps of every `checkpoints/<step>` directory, including ones orbax would not list (a lost
+  commit marker): each is tried, and reported if unreadable, rather than skipped silently."""
+  path = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
 def _reason(e: Exception) -> str:
   first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -75,7 +82,7 @@ def set_aside(manager, workdir: str, steps) -> None:
 def restore_newest(manager, workdir: str, state_target):
   """(state, data_state) of the newest readable checkpoint; unreadable newer ones set aside."""
   step, restored, unreadable = newest_readable(
-      workdir, manager.all_steps(),
+      workdir, saved_steps(workdir),
       lambda s: workdir_lib.restore_checkpoint(manager, state_target, s))
   del step
   set_aside(manager, workdir, unreadable)

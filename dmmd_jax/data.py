@@ -364,6 +364,12 @@ def _load_npy(cfg):
 
 def load_token_array(path) -> np.ndarray:
   """np.load of a .npy file; DataError naming the path if it is empty, truncated or not .npy."""
+  with open(path, "rb") as f:
+    head = f.read(6)
+  if not head:
+    raise DataError(f"{path} is empty (0 bytes), not a .npy array.")
+  if head != b"\x93NUMPY":
+    raise DataError(f"{path} is not a .npy file (it does not start with the NumPy header).")
   try:
     return np.load(path, allow_pickle=False)
   except (EOFError, ValueError, OSError, pickle.UnpicklingError) as e:

@@ -259,7 +259,9 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
 def _check_and_average(pending, first_step: int) -> dict:
   host = jax.device_get(pending)
   for offset, metrics in enumerate(host):
-    for name, value in metrics.items():
+    # Losses first: when a loss and a gradient norm turn non-finite in one step, name the loss.
+    for name in sorted(metrics, key=lambda n: ("loss" not in n, n)):
+      value = metrics[name]
       if ("loss" in name or name.endswith("grad_norm")) and not np.isfinite(value):
         raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping.")
   names = sorted({k for m in host for k in m})  # alternating updates may log different names
@@ -268,7 +270,7 @@ def _check_and_average(pending, first_step: int) -> dict:
 
 def restore_or_init(manager, state, shardings, iterator, workdir: str):
   """Resume from the newest readable checkpoint if one exists; returns the state."""
-  if manager.latest_step() is None:
+  if not checkpoint_fallback.saved_steps(workdir):
     return state
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)

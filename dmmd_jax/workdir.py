@@ -1,11 +1,14 @@
 """A run directory: stored config, run description, metrics log, samples and orbax checkpoints.
 
     WORKDIR/config.json      the full config of the run (read back by sample.py / distill.py)
-    WORKDIR/run.json         {"kind": "teacher" | "student", "data_info": …, "student_steps": k}
+    WORKDIR/run.json         {"kind": "teacher" | "student", "data_info": …, "student_steps": k,
+                             "run_id", "data_fingerprint", …}
     WORKDIR/metrics.jsonl    one JSON object per logged step (also TensorBoard events in logs/)
     WORKDIR/checkpoints/N/   orbax: train state + data-iterator state (atomic: a step directory
                              exists only once fully written)
     WORKDIR/samples/         sample dumps (text or PNG)
+    WORKDIR/config_history/  earlier config.json versions (workdir_guard: never overwritten)
+    WORKDIR/lock             holds the PID of the process using the workdir (fcntl.flock)
 """
 
 import json
@@ -183,7 +186,7 @@ def load_params(workdir: str, name: str, step=None):
 
   try:
     step, state, _ = checkpoint_fallback.newest_readable(
-        workdir, manager.all_steps() if step is None else [step], read)
+        workdir, checkpoint_fallback.saved_steps(workdir) if step is None else [step], read)
   finally:
     manager.close()
   if name not in state:

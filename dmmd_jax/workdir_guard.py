@@ -191,8 +191,8 @@ def check_kind(workdir: str, kind: str) -> bool:
   stored = stored_kind(workdir) if os.path.isdir(workdir) else None
   if stored not in (None, kind):
     raise workdir_lib.WorkdirError(
-        f"{workdir} holds a {stored} run, this command writes a {kind} run; use a new --workdir "
-        f"(nothing was changed in {workdir}).")
+        f"{workdir} holds a {stored!r} run, this command writes a {kind!r} run; use a new "
+        f"--workdir (nothing was changed in {workdir}).")
   return stored is not None
 
 
@@ -217,7 +217,7 @@ def check(workdir: str, kind: str, config, run_info: dict) -> None:
               f"use a new --workdir, or add --config.resume_override={field} to continue this "
               "run with the new value")
       raise workdir_lib.WorkdirError(
-          f"{workdir} holds a {kind} run with {field}={old!r}, this command has {new!r}; {hint} "
+          f"{workdir} holds a {kind!r} run with {field}={old!r}, this command has {new!r}; {hint} "
           f"(nothing was changed in {workdir}).")
 
 

@@ -780,32 +780,33 @@ def test_distill_refuses_non_positive_student_steps(small_teacher, tmp_path, ste
   assert not (tmp_path / "student").exists()
 
 
-def _biggest_state_file(workdir):
-  """The largest array file of the latest checkpoint (the one a consumer restores)."""
-  latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
-               key=lambda p: int(p.name))
-  files = [p for p in (latest / "state").rglob("*") if p.is_file()]
-  return max(files, key=lambda p: p.stat().st_size)
+def _biggest_state_files(workdir):
+  """The largest array file of every checkpoint step (damaging only the newest would not stop a
+  consumer: it falls back to the previous step, tests/test_faults.py)."""
+  steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  return [max((p for p in (step / "state").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size) for step in steps]
 
 
 @pytest.mark.parametrize("damage", ["delete_data", "garble_data", "delete_metadata",
                                     "no_checkpoints"])
 def test_distill_reports_a_corrupt_teacher_checkpoint(small_teacher, tmp_path, damage):
-  """A teacher checkpoint with a deleted or overwritten data file, no _METADATA, or no checkpoint
+  """Teacher checkpoints with a deleted or overwritten data file, no _METADATA, or no checkpoint
   at all: one-line WorkdirError naming the teacher's checkpoint path."""
   teacher = tmp_path / "teacher"
   shutil.copytree(small_teacher, teacher)
   if damage == "delete_data":
-    _biggest_state_file(teacher).unlink()
+    for path in _biggest_state_files(teacher):
+      path.unlink()
   elif damage == "garble_data":
-    path = _biggest_state_file(teacher)
-    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    for path in _biggest_state_files(teacher):
+      path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
   elif damage == "delete_metadata":
     for path in (teacher / "checkpoints").glob("*/state/_METADATA"):
       path.unlink()
   else:
     shutil.rmtree(teacher / "checkpoints")
-  message = "has no checkpoint" if damage == "no_checkpoints" else "could not be read"
+  message = "has no checkpoint" if damage == "no_checkpoints" else "no readable checkpoint"
   with pytest.raises(workdir_lib.WorkdirError, match=message) as info:
     distill.distill(student_config(str(teacher)), str(tmp_path / "student"))
   assert str(teacher) in str(info.value)
