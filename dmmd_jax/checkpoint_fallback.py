@@ -94,15 +94,22 @@ def silence_closed_event_loop_errors() -> None:
 
   When one array of a checkpoint cannot be read, orbax's restore raises and closes its asyncio
   loop while tensorstore still completes the reads of the other arrays; each completion then
-  calls into the closed loop and tensorstore prints that RuntimeError through sys.excepthook. It
-  carries no information (the restore error is reported already); every other exception goes to
-  the previous hook unchanged.
+  calls into the closed loop and that RuntimeError reaches sys.excepthook (or, depending on the
+  thread, sys.unraisablehook). It carries no information (the restore error is reported
+  already); every other exception goes to the previous hooks unchanged.
   """
-  previous = sys.excepthook
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
 
   def hook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    previous(kind, value, traceback)
+    if not _closed_loop_error(value):
+      previous(kind, value, traceback)
 
-  sys.excepthook = hook
+  def unraisable_hook(unraisable):
+    if not _closed_loop_error(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+def _closed_loop_error(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"

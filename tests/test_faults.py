@@ -230,6 +230,17 @@ def test_resume_override_continues_with_the_new_value_and_keeps_the_old_config(r
   assert json.loads(open(os.path.join(workdir, "config.json")).read())["seed"] == 3
 
 
+@pytest.mark.slow
+def test_sample_output_without_npy_suffix_prints_the_path_written(runs, tmp_path):
+  output = tmp_path / "samples"
+  proc = _helpers.run_python([SAMPLE, f"--workdir={runs / 'student'}", "--num_samples=8",
+                              "--batch_size=4", f"--output={output}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == f"wrote {output}.npy and {output}.png"
+  assert np.load(f"{output}.npy").shape == (8, 64)
+  assert sorted(os.listdir(tmp_path)) == ["samples.npy", "samples.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Guard logic (in process).
 
