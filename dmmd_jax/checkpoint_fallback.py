@@ -98,6 +98,8 @@ def silence_closed_event_loop_errors() -> None:
   thread, sys.unraisablehook). It carries no information (the restore error is reported
   already); every other exception goes to the previous hooks unchanged.
   """
+  if getattr(sys.excepthook, "closed_loop_filter", False):  # installed already
+    return
   previous, previous_unraisable = sys.excepthook, sys.unraisablehook
 
   def hook(kind, value, traceback):
@@ -108,6 +110,7 @@ def silence_closed_event_loop_errors() -> None:
     if not _closed_loop_error(unraisable.exc_value):
       previous_unraisable(unraisable)
 
+  hook.closed_loop_filter = True
   sys.excepthook, sys.unraisablehook = hook, unraisable_hook
 
 
