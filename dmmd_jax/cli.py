@@ -85,15 +85,27 @@ def run(fn, *args, **kwargs):
     setup_jax()
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
   except OSError as e:  # a file that is missing, unreadable, unwritable, or a full disk
-    print(f"error: {_os_error_message(e)}", file=sys.stderr)
-    sys.exit(1)
+    _fail(_os_error_message(e))
   except (EOFError, json.JSONDecodeError) as e:  # a truncated file read outside workdir/data
-    print(f"error: a file ended early or is not valid JSON ({type(e).__name__}: {e})",
-          file=sys.stderr)
-    sys.exit(1)
+    _fail(f"a file ended early or is not valid JSON ({type(e).__name__}: {e})")
   except Exception as e:
     distributed.exit_after_failure(e)  # multi-host: one line, no wait for a dead process
     raise
+
+
+def _fail(message: str) -> None:
+  """Print `error: message` and exit 1 at once.
+
+  A failed orbax restore leaves tensorstore reads completing on its threads; during interpreter
+  finalisation (sys.excepthook no longer consulted) they print "Event loop is closed"
+  tracebacks. A single-process run therefore exits without finalisation (output flushed first);
+  a multi-process run exits normally, through jax.distributed's shutdown.
+  """
+  print(f"error: {message}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.distributed.is_initialized():
+    sys.exit(1)
+  os._exit(1)
