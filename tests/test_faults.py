@@ -25,11 +25,15 @@ import sys
 import time
 
 import _helpers
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from _helpers import jax_compilation_cache  # noqa: F401
 
-from dmmd_jax import checkpoint_fallback, distill, train, workdir_guard
+from dmmd_jax import checkpoint_fallback, distill, sharding, train, workdir_guard
+from dmmd_jax import data as data_lib
 from dmmd_jax import workdir as workdir_lib
 
 EXP = _helpers.EXPERIMENTS
@@ -311,6 +315,40 @@ def test_truncated_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys)
     workdir_lib.MetricsLog(str(tmp_path), resume_step=3)
 
 
+class LoopState(dict):
+  """A minimal training state for run_loop: {"step": int32 scalar}, with a .step attribute."""
+
+  step = property(lambda self: self["step"])
+
+
+jax.tree_util.register_pytree_node(LoopState, lambda d: ((d["step"],), None),
+                                   lambda _, leaves: LoopState(step=leaves[0]))
+
+
+@pytest.mark.parametrize("nan_at, message", [
+    (1, "loss became nan at step 1; stopping. No checkpoint was written yet; lower the learning "
+        "rate or check the data."),
+    (3, "loss became nan at step 3; stopping. The last good checkpoint (step 2) is kept; lower "
+        "the learning rate or check the data.")])
+def test_nan_message_names_the_checkpoint_really_kept(tmp_path, nan_at, message):
+  """The shared loop with a stand-in step (a NaN loss at step nan_at, checkpoints every step):
+  the error promises a kept checkpoint only when one is on disk, and names its step."""
+  def step_fn(state, batch):
+    step = state.step + 1
+    return LoopState(step=step), {"loss": jnp.where(step == nan_at, jnp.nan, 1.0)}
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
+                            devices=jax.devices()[:1])
+  with pytest.raises(train.TrainingError) as error:
+    train.run_loop(state=LoopState(step=jnp.int32(0)), step_fn=step_fn,
+                   iterator=data_lib.batch_iterator(np.zeros((8, 4), np.int32), 2, 0),
+                   manager=workdir_lib.checkpoint_manager(str(tmp_path), keep=2),
+                   log=workdir_lib.MetricsLog(str(tmp_path)), num_steps=5, log_every=1,
+                   checkpoint_every=1, mesh=mesh, tokens_per_step=8)
+  assert str(error.value) == message
+  assert checkpoint_fallback.saved_steps(str(tmp_path)) == list(range(1, nan_at))[-2:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged checkpoint files (in process).
 
@@ -334,7 +372,6 @@ def damage(path: str, mode: str) -> None:
 
 
 def flat(tree) -> np.ndarray:
-  import jax  # noqa: PLC0415
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
