@@ -1,6 +1,8 @@
-"""What every absl binary shares: config typing, compilation cache, multi-host start-up, errors."""
+"""What every absl binary shares: compilation cache, multi-host start-up, one-line errors."""
 
+import json
 import os
+import re
 import sys
 
 import jax
@@ -8,7 +10,7 @@ from absl import flags, logging
 
 from dmmd_jax import config_lib
 from dmmd_jax.data import types as data_types
-from dmmd_jax.infra import distributed
+from dmmd_jax.infra import checkpoints, distributed
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, loop
 
@@ -33,6 +35,8 @@ flags.DEFINE_integer("heartbeat_timeout", None,
 USER_ERRORS = (config_lib.ConfigError, data_types.DataError, workdir_lib.WorkdirError,
                dmmd_run.DistillError, loop.TrainingError, distributed.DistributedError,
                ValueError, FileNotFoundError)
+# absl config-file flags of the binaries (loaded eagerly by parse_flags).
+CONFIG_FLAGS = ("config",)
 
 
 def setup_jax() -> None:
@@ -42,6 +46,7 @@ def setup_jax() -> None:
   the environment; see `infra/distributed.py`. Raises distributed.DistributedError (one line).
   """
   logging.set_verbosity(logging.WARNING)  # orbax logs every file and jax every backend at INFO
+  checkpoints.silence_closed_event_loop_errors()
   cache = os.environ.get("DMMD_JAX_COMPILATION_CACHE",
                          os.path.expanduser("~/.cache/dmmd_jax/xla"))
   if cache:
@@ -55,17 +60,42 @@ def setup_jax() -> None:
 
 
 def parse_flags(argv):
-  """absl flags parser for app.run that reports a bad flag or config key as one line."""
+  """absl flags parser for app.run that reports a bad flag, config file or config key as one line.
+
+  Config files load lazily in ml_collections; they are loaded here, so that a missing file or a
+  failing get_config() is reported before main() runs.
+  """
   try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # flags.Error, or KeyError/ValueError from config_flags
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    unknown = [a.split("=")[0] for a in argv if a.startswith("--config.")
-               and message.strip("\"'") == a.split("=")[0].split(".")[-1]]
-    if unknown:  # config_flags reports an unknown key as just its quoted name
-      message = f"unknown config key {unknown[0]}; see the config file for the known keys"
-    print(f"error: {message}", file=sys.stderr)
+    rest = flags.FLAGS(argv)
+    for name in CONFIG_FLAGS:
+      if name in flags.FLAGS and flags.FLAGS[name].value is not None:
+        flags.FLAGS[name].value.keys()  # a config that failed to load raises OSError here
+    return rest
+  except Exception as e:  # flags.Error, or KeyError/ValueError/OSError from config_flags
+    print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _flag_error_message(e: Exception, argv) -> str:
+  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+  if not lines:
+    return type(e).__name__
+  if isinstance(e, OSError) and "Failed loading config file" in lines[0]:
+    return f"cannot load the config file: {lines[-1]}"
+  name = lines[-1].strip("\"'")
+  unknown = [a.split("=")[0] for a in argv if a.startswith("--config.")
+             and name in a.split("=")[0].split(".")[1:]]
+  if unknown:  # config_flags reports an unknown key or section as just its quoted name
+    return (f"unknown config key {unknown[0]} ({name!r} does not exist); see the config file "
+            "for the known keys")
+  return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+
+
+def _os_error_message(e: OSError) -> str:
+  """`error: PATH: reason` for an OSError (a missing, unreadable or unwritable file)."""
+  path = e.filename if e.filename is not None else ""
+  reason = e.strerror or str(e)
+  return f"{path}: {reason}" if path else reason
 
 
 def run(fn, *args, **kwargs):
@@ -77,8 +107,27 @@ def run(fn, *args, **kwargs):
     setup_jax()
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
+  except OSError as e:  # a file that is missing, unreadable, unwritable, or a full disk
+    _fail(_os_error_message(e))
+  except (EOFError, json.JSONDecodeError) as e:  # a truncated file read outside workdir/data
+    _fail(f"a file ended early or is not valid JSON ({type(e).__name__}: {e})")
   except Exception as e:
     distributed.exit_after_failure(e)  # multi-host: one line, no wait for a dead process
     raise
+
+
+def _fail(message: str) -> None:
+  """Print `error: message` and exit 1 at once.
+
+  A failed orbax restore leaves tensorstore reads completing on its threads; during interpreter
+  finalisation (sys.excepthook no longer consulted) they print "Event loop is closed"
+  tracebacks. A single-process run therefore exits without finalisation (output flushed first);
+  a multi-process run exits normally, through jax.distributed's shutdown.
+  """
+  print(f"error: {message}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.distributed.is_initialized():
+    sys.exit(1)
+  os._exit(1)

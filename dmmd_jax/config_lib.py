@@ -166,6 +166,9 @@ class ExperimentConfig:
   """Everything a teacher, student or SDTT run reads; stored as the workdir's config.json."""
 
   seed: int = 0
+  # Run-defining fields (comma-separated, e.g. "seed,distill.teacher_workdir") a resumed run may
+  # change; by default any change is refused (infra/workdir_guard.py).
+  resume_override: str = ""
   data: DataConfig = DataConfig()
   kernel: KernelConfig = KernelConfig()
   model: ModelConfig = ModelConfig()
@@ -430,4 +433,11 @@ def validate(config) -> None:
   _check(not config.distill.soft_targets or config.kernel.kind == "masked",
          "distill.soft_targets is defined for the masked kernel only.")
   _check(config.distill.posterior_gap < 1.0, "distill.posterior_gap must be in (0, 1).")
+  for field in filter(None, (f.strip() for f in config.resume_override.split(","))):
+    section, _, key = field.partition(".")
+    value = getattr(config, section, None)
+    known = (key in {f.name for f in dataclasses.fields(value)} if dataclasses.is_dataclass(value)
+             else value is not None and not key)
+    _check(known, f"resume_override: {field!r} is not a config field (e.g. "
+           "'seed,distill.teacher_workdir').")
 

@@ -11,15 +11,18 @@ import os
 
 import numpy as np
 from absl import app, flags
+from tqdm import tqdm
 
 from dmmd_jax import cli
 from dmmd_jax.data import render
+from dmmd_jax.infra import outputs
 from dmmd_jax.training import trained_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A teacher or student workdir.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the model's own).")
 _NUM = flags.DEFINE_integer("num_samples", 16, "Number of sequences.")
-_OUTPUT = flags.DEFINE_string("output", "samples.npy", "Output .npy path.")
+_OUTPUT = flags.DEFINE_string("output", "samples.npy",
+                              "Output .npy path (.npy is appended if missing).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass (default: the config's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Temperature (default: the config's).")
@@ -28,20 +31,28 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def sample_to_files():
-  if _NUM.value <= 0:
-    raise ValueError(f"--num_samples must be positive, got {_NUM.value}.")
+  """Validate flags and the output path, sample, write .npy plus text/PNG; returns both paths."""
+  for flag, value in (("--num_samples", _NUM.value), ("--batch_size", _BATCH.value),
+                      ("--steps", 1 if _STEPS.value is None else _STEPS.value)):
+    if value < 1:
+      raise ValueError(f"{flag} must be at least 1, got {value}.")
+  output = outputs.npy_path(_OUTPUT.value)
+  outputs.check_writable_file(output)
   model = trained_model.load(_WORKDIR.value)
-  tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
-                        top_p=_TOP_P.value, temperature=_TEMPERATURE.value)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  np.save(_OUTPUT.value, tokens.astype(np.int32))
-  return render.dump_samples(model.setup.info, tokens, os.path.splitext(_OUTPUT.value)[0])
+  outputs.check_sample_memory(_NUM.value, model.setup.seq_len)
+  with tqdm(total=_NUM.value, desc="sampling", unit="seq", dynamic_ncols=True) as bar:
+    tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
+                          top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
+                          on_chunk=bar.update)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  np.save(output, tokens.astype(np.int32))
+  return output, render.dump_samples(model.setup.info, tokens, os.path.splitext(output)[0])
 
 
 def main(argv):
   del argv
-  path = cli.run(sample_to_files)
-  print(f"wrote {_OUTPUT.value} and {path}")
+  output, dump = cli.run(sample_to_files)
+  print(f"wrote {output} and {dump}")
 
 
 if __name__ == "__main__":

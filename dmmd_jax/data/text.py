@@ -149,9 +149,12 @@ def _read_text_file(cfg) -> str:
   if not path.is_file():
     raise data_types.DataError(f"text_file: no file at path={str(path)!r}.")
   try:
-    return path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
     raise data_types.DataError(f"text_file: {path} is not UTF-8 text ({e}).") from e
+  if not text.strip():
+    raise data_types.DataError(f"text_file: {path} is empty (no text to train on).")
+  return text
 
 
 def _join_docs(tok: tokenizers.Tokenizer, docs: list[str]) -> np.ndarray:
@@ -193,7 +196,7 @@ def load_npy(cfg):
   path = pathlib.Path(cfg.path).expanduser()
   if not path.is_file():
     raise data_types.DataError(f"npy: no file at path={str(path)!r}.")
-  tokens = np.load(path, allow_pickle=False)
+  tokens = data_types.load_token_array(path)
   vocab = cfg.vocab_size
   if vocab < 1:
     raise data_types.DataError(f"npy: vocab_size must be set (> 0) for token arrays, got {vocab}.")

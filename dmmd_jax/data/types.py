@@ -5,6 +5,7 @@ A leaf module: every other part of the package may import it.
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 
@@ -40,6 +41,21 @@ class DataInfo:
     if fields.get("image_shape") is not None:
       fields["image_shape"] = tuple(fields["image_shape"])
     return cls(**fields)
+
+
+def load_token_array(path) -> np.ndarray:
+  """np.load of a .npy file; DataError naming the path if it is empty, truncated or not .npy."""
+  with open(path, "rb") as f:
+    head = f.read(6)
+  if not head:
+    raise DataError(f"{path} is empty (0 bytes), not a .npy array.")
+  if head != b"\x93NUMPY":
+    raise DataError(f"{path} is not a .npy file (it does not start with the NumPy header).")
+  try:
+    return np.load(path, allow_pickle=False)
+  except (EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"{path} is not a readable .npy array ({reason}).") from None
 
 
 def check_tokens(tokens, vocab_size: int, seq_len: int | None = None, name: str = "samples"):

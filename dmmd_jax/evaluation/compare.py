@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dmmd_jax.data import synthetic
 from dmmd_jax.data import types as data_types
 from dmmd_jax.evaluation import registry, report
+from dmmd_jax.infra import outputs
 from dmmd_jax.models import feature_net, reference_lm
 from dmmd_jax.training import trained_model
 
@@ -162,10 +163,7 @@ def load_sample_file(path: str, info: data_types.DataInfo) -> np.ndarray:
   """int32 `[n, L]` tokens of an .npy sample file, checked against the models' vocabulary/length."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"sample file {path} does not exist.")
-  try:
-    tokens = np.load(path, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(f"{path} is not a numpy .npy token array ({e}).") from None
+  tokens = data_types.load_token_array(path)
   return data_types.check_tokens(tokens, info.vocab_size, info.seq_len, f"sample file {path}")
 
 
@@ -214,6 +212,7 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
     raise ValueError(f"--num_samples must be at least 4, got {num_samples}.")
   if not workdirs:
     raise ValueError("--workdirs is empty.")
+  outputs.check_writable_dir(output_dir)
   steps_for = steps_for_models(steps)
   models = [trained_model.load(w) for w in workdirs]
   ref = _pick_reference(models, reference)

@@ -21,7 +21,7 @@ from dmmd_jax import config_lib
 from dmmd_jax.diffusion import sampling
 from dmmd_jax.distill import diagnostics, dmmd
 from dmmd_jax.evaluation import metrics as metrics_lib
-from dmmd_jax.infra import sharding
+from dmmd_jax.infra import checkpoints, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.models import denoiser
 from dmmd_jax.training import loop
@@ -82,15 +82,16 @@ def load_teacher(setup, teacher_workdir: str):
     raise DistillError(f"teacher workdir {teacher_workdir} has no config.json; train a teacher "
                        "there first (experiments/train_teacher.py).")
   stored = workdir_lib.read_json(config_path)
-  mismatch = workdir_lib.architecture_mismatch(stored, config_lib.to_dict(setup.config),
-                                               ignore=workdir_lib.STUDENT_FREE_KEYS)
+  mismatch = workdir_lib.architecture_mismatch(
+      stored, config_lib.to_dict(setup.config),
+      ignore=workdir_lib.STUDENT_FREE_KEYS + workdir_guard.moved_data_keys(teacher_workdir, setup))
   if mismatch:
     raise DistillError(f"teacher at {teacher_workdir} does not match this config ({mismatch}).")
   info = workdir_lib.load_run_info(teacher_workdir)["data_info"]
   if (info.vocab_size, info.seq_len) != (setup.info.vocab_size, setup.info.seq_len):
     raise DistillError(f"teacher vocabulary/length {info.vocab_size}/{info.seq_len} differ from "
                        f"the data's {setup.info.vocab_size}/{setup.info.seq_len}.")
-  params = workdir_lib.load_params(teacher_workdir, "ema_params")
+  params = checkpoints.load_params(teacher_workdir, "ema_params")
   return place_params(params, setup, fresh_noise_projection=True)
 
 
@@ -225,6 +226,7 @@ def sample_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int, k
                          setup.seq_len, noise_fn=student_noise_fn(setup, cfg))
 
 
+@workdir_guard.releases_locks
 def distill_student(config, workdir: str) -> dict:
   """Distil (or resume distilling) a student from config.distill.teacher_workdir.
 
@@ -235,16 +237,17 @@ def distill_student(config, workdir: str) -> dict:
   setup = setup_lib.build_setup(config, d.batch_size)
   cfg = setup_lib.estimator_config_of(config)
   teacher = load_teacher(setup, d.teacher_workdir)
-  workdir_lib.prepare(workdir, config, {"kind": "student", "data_info": setup.info,
-                                        "student_steps": d.student_steps,
-                                        "teacher_workdir": d.teacher_workdir})
+  workdir_guard.claim(workdir, "student", config, {"kind": "student", "data_info": setup.info,
+                                                    "student_steps": d.student_steps,
+                                                    "teacher_workdir": d.teacher_workdir},
+                      (setup.train_tokens, setup.eval_tokens))
   student_opt, aux_opt = distill_optimizers(config)
   state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
                              jax.random.key(config.seed + 1), d.noise_init_scale)
   shardings = state_lib.shardings_of(state)
   iterator = loop.data_iterator(setup, d.batch_size, config.seed)
-  manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = loop.restore_or_init(manager, state, shardings, iterator)
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  state = loop.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
 
   with sharding.rules_context():

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from dmmd_jax import config_lib
 from dmmd_jax.data import images, loader, sources
 from dmmd_jax.data import types as data_types
+from dmmd_jax.infra import workdir_guard
 from dmmd_jax.models import feature_net
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import state as state_lib
@@ -81,6 +82,7 @@ def train(tokens, labels, config: feature_net.FeatureNetConfig, *, num_steps: in
   return params, float(np.mean(tail))
 
 
+@workdir_guard.releases_locks
 def train_and_save(config, workdir: str) -> dict:
   """What experiments/train_feature_net.py runs: load data + labels, train, evaluate, store."""
   config = config_lib.typed(config, config_lib.FeatureNetRunConfig)
@@ -91,6 +93,7 @@ def train_and_save(config, workdir: str) -> dict:
   train_labels, eval_labels = images.load_labels(data_cfg)
   if (len(train_labels), len(eval_labels)) != (len(train_tokens), len(eval_tokens)):
     raise data_types.DataError("labels and images are not aligned (different counts).")
+  workdir_guard.claim_record(workdir, "feature_net")
   m, t = config.model, config.train
   net_cfg = feature_net.FeatureNetConfig(tuple(info.image_shape), info.vocab_size,
                                          int(max(train_labels.max(), eval_labels.max()) + 1),

@@ -12,8 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dmmd_jax.data import loader
-from dmmd_jax.infra import sharding
-from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.infra import checkpoints, sharding
 from dmmd_jax.training import setup as setup_lib
 
 
@@ -34,8 +33,9 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
   step_fn(state, global_batch, index) → (state, metrics dict of scalars); index = the number of
   updates before this one (= state.step,
                            known on the host without a device sync). periodic: (every, fn(state,
-  step) → dict of scalars to log). A non-finite metric whose name ends in "loss…" stops the run
-  with TrainingError before the next checkpoint, so the last checkpoint on disk is always good.
+  step) → dict of scalars to log). A non-finite loss or gradient norm stops the run with
+  TrainingError before the next checkpoint, so the last checkpoint on disk is always good (the
+  error names its step, or says that none was written).
   """
   start = int(state.step)
   pending = []
@@ -59,7 +59,13 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
         log.write(step, means)
         bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
       if step % checkpoint_every == 0 or step == num_steps:
-        workdir_lib.save_checkpoint(manager, step, state, iterator.get_state())
+        checkpoints.save_checkpoint(manager, step, state, iterator.get_state())
+  except TrainingError as e:  # say which checkpoint is kept only once it is complete on disk
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    raise TrainingError(f"{e} " + (f"The last good checkpoint (step {kept}) is kept" if kept
+                                   else "No checkpoint was written yet") +
+                        "; lower the learning rate or check the data.") from None
   finally:  # an error (e.g. a NaN) must not leave the last checkpoint half-written
     bar.close()
     manager.wait_until_finished()
@@ -69,21 +75,21 @@ def run_loop(*, state, step_fn, iterator, manager, log, num_steps: int, log_ever
 def _check_and_average(pending, first_step: int) -> dict:
   host = jax.device_get(pending)
   for offset, metrics in enumerate(host):
-    for name, value in metrics.items():
+    # Losses first: when a loss and a gradient norm turn non-finite in one step, name the loss.
+    for name in sorted(metrics, key=lambda n: ("loss" not in n, n)):
+      value = metrics[name]
       if ("loss" in name or name.endswith("grad_norm")) and not np.isfinite(value):
-        raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping. The "
-                            "last good checkpoint is kept; lower the learning rate or check the "
-                            "data.")
+        raise TrainingError(f"{name} became {value} at step {first_step + offset}; stopping.")
   names = sorted({k for m in host for k in m})  # alternating updates may log different names
   return {k: float(np.mean([m[k] for m in host if k in m])) for k in names}
 
 
-def restore_or_init(manager, state, shardings, iterator):
-  """Resume from the latest checkpoint if one exists; returns the state."""
-  if manager.latest_step() is None:
+def restore_or_init(manager, state, shardings, iterator, workdir: str):
+  """Resume from the newest readable checkpoint if one exists; returns the state."""
+  if not checkpoints.saved_steps(workdir):
     return state
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
-  state, data_state = workdir_lib.restore_checkpoint(manager, abstract)
+  state, data_state = checkpoints.restore_newest(manager, workdir, abstract)
   iterator.set_state(data_state)
   return state

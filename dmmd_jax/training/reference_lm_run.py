@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dmmd_jax import config_lib
 from dmmd_jax.data import loader, sources
 from dmmd_jax.evaluation import metrics as metrics_lib
+from dmmd_jax.infra import workdir_guard
 from dmmd_jax.models import reference_lm
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import state as state_lib
@@ -93,6 +94,7 @@ def _check_train_config(t: config_lib.ReferenceTrainConfig) -> None:
                                    f"{getattr(t, key)}.")
 
 
+@workdir_guard.releases_locks
 def train_reference(config, workdir: str, progress: bool = True) -> dict:
   """Trains the reference LM on config.data (or config.data_from's data) and stores it.
 
@@ -104,6 +106,7 @@ def train_reference(config, workdir: str, progress: bool = True) -> dict:
   _check_train_config(t)
   data_cfg = setup_lib.data_config_of(config)
   train_tokens, eval_tokens, info = sources.load_dataset(data_cfg)
+  workdir_guard.claim_record(workdir, "reference_lm")
   lm_cfg = reference_lm.ReferenceLMConfig(
       info.vocab_size, info.seq_len, m.num_layers, m.width, m.num_heads, m.mlp_ratio,
       m.positions, m.tie_embeddings)

@@ -22,7 +22,7 @@ import optax
 
 from dmmd_jax import config_lib
 from dmmd_jax.distill import sdtt
-from dmmd_jax.infra import sharding
+from dmmd_jax.infra import checkpoints, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, loop
 from dmmd_jax.training import setup as setup_lib
@@ -101,17 +101,7 @@ def _prepare_workdir(workdir, config, setup, schedule, start_steps):
   info = {"kind": "student", "method": "sdtt", "data_info": setup.info,
           "student_steps": d.student_steps, "teacher_workdir": d.teacher_workdir,
           "start_steps": start_steps, "num_rounds": len(schedule)}
-  try:
-    stored = workdir_lib.load_run_info(workdir)
-  except workdir_lib.WorkdirError:
-    stored = None
-  if stored is not None and (stored.get("method"), stored.get("start_steps"),
-                             stored.get("student_steps")) != ("sdtt", start_steps,
-                                                              d.student_steps):
-    raise SDTTError(f"{workdir} holds a different run ({stored.get('method', 'dmmd')}, start "
-                    f"{stored.get('start_steps')}, k={stored.get('student_steps')}); use a new "
-                    "--workdir.")
-  workdir_lib.prepare(workdir, config, info)
+  workdir_guard.claim(workdir, "sdtt", config, info, (setup.train_tokens, setup.eval_tokens))
 
 
 def init_sdtt_state(teacher, optimizer, mesh) -> SDTTState:
@@ -133,6 +123,7 @@ def compile_update(setup: setup_lib.Setup, optimizer, shardings):
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
 
+@workdir_guard.releases_locks
 def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   """Run (or resume) SDTT rounds from config.distill.teacher_workdir down to k steps.
 
@@ -152,8 +143,8 @@ def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
   state = init_sdtt_state(teacher, optimizer, setup.mesh)
   shardings = state_lib.shardings_of(state)
   iterator = loop.data_iterator(setup, d.batch_size, config.seed)
-  manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = loop.restore_or_init(manager, state, shardings, iterator)
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  state = loop.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
   update = compile_update(setup, optimizer, shardings)
 

@@ -16,7 +16,7 @@ import optax
 from dmmd_jax import config_lib
 from dmmd_jax.data import render
 from dmmd_jax.diffusion import elbo, sampling
-from dmmd_jax.infra import sharding
+from dmmd_jax.infra import checkpoints, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.models import denoiser
 from dmmd_jax.training import loop
@@ -90,6 +90,7 @@ def heldout_bits_per_token(setup: setup_lib.Setup, params, batch_size: int, num_
   return total / num_batches / (setup.seq_len * math.log(2.0))
 
 
+@workdir_guard.releases_locks
 def train_teacher(config, workdir: str) -> dict:
   """Train (or resume) a teacher; returns final metrics {step, eval_bpt}.
 
@@ -97,12 +98,13 @@ def train_teacher(config, workdir: str) -> dict:
   """
   config = config_lib.typed(config)
   setup = setup_lib.build_setup(config, config.train.batch_size)
-  workdir_lib.prepare(workdir, config, {"kind": "teacher", "data_info": setup.info})
+  workdir_guard.claim(workdir, "teacher", config, {"kind": "teacher", "data_info": setup.info},
+                      (setup.train_tokens, setup.eval_tokens))
   optimizer = teacher_optimizer(config)
   state, shardings = init_teacher_state(setup, optimizer)
   iterator = loop.data_iterator(setup, config.train.batch_size, config.seed)
-  manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = loop.restore_or_init(manager, state, shardings, iterator)
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  state = loop.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
   t = config.train
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from dmmd_jax.diffusion import elbo, sampling
+from dmmd_jax.infra import checkpoints
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run
 from dmmd_jax.training import setup as setup_lib
@@ -77,5 +78,5 @@ def load(workdir: str) -> Model:
   batch = config.train.batch_size if info["kind"] == "teacher" else config.distill.batch_size
   setup = setup_lib.build_setup(config, batch)
   name = "ema_params" if info["kind"] == "teacher" else "student_ema"
-  params = dmmd_run.place_params(workdir_lib.load_params(workdir, name), setup)
+  params = dmmd_run.place_params(checkpoints.load_params(workdir, name), setup)
   return Model(workdir, info["kind"], setup, params, info.get("student_steps"))

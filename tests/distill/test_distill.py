@@ -6,7 +6,7 @@ Monte Carlo unless the claim is about Monte Carlo). The forward posterior used f
 is an independent numpy transcription of the formula in the method doc, and everything runs in
 float64 so that "zero" means zero.
 
-Part 2 runs the real path (train.train_teacher → distill.distill → runs.load(...).sample) on the
+Part 2 runs the real path (train_teacher → distill_student → trained_model.load(...).sample) on the
 "beyond single tokens" copy task: a fair coin copied to the second position. A 1-step teacher
 samples the two positions independently (agreement 1/2); a 1-step D-MMD student must learn the
 correlation. These runs take minutes and are marked slow; they print what they measure
@@ -31,6 +31,7 @@ from _helpers import jax_compilation_cache  # noqa: F401
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import forward_process
 from dmmd_jax.distill import dmmd
+from dmmd_jax.infra import checkpoints
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, loop, teacher_run, trained_model
 
@@ -544,7 +545,7 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   dmmd_run.distill_student(student_config(small_teacher, **overrides), straight)
 
-  save = workdir_lib.save_checkpoint
+  save = checkpoints.save_checkpoint
 
   def save_then_die(manager, step, state, data_state):
     save(manager, step, state, data_state)
@@ -565,11 +566,11 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   assert rows_a == rows_b
   assert {"gen_loss", "aux_loss"} <= set(rows_a[-1])
   for name in ("student", "aux", "student_ema"):
-    a, b = workdir_lib.load_params(straight, name), workdir_lib.load_params(resumed, name)
+    a, b = checkpoints.load_params(straight, name), checkpoints.load_params(resumed, name)
     assert _helpers.tree_max_abs_diff(a, b) <= 1e-6, name
   # The student really moved away from the teacher (so equal parameters mean something).
-  teacher = workdir_lib.load_params(small_teacher, "ema_params")
-  student = workdir_lib.load_params(straight, "student")
+  teacher = checkpoints.load_params(small_teacher, "ema_params")
+  student = checkpoints.load_params(straight, "student")
   shared = [k for k in teacher if k != "noise_proj"]
   assert _helpers.tree_max_abs_diff({k: student[k] for k in shared},
                                     {k: teacher[k] for k in shared}) > 1e-4
@@ -631,32 +632,33 @@ def test_distill_refuses_non_positive_student_steps(small_teacher, tmp_path, ste
   assert not (tmp_path / "student").exists()
 
 
-def _biggest_state_file(workdir):
-  """The largest array file of the latest checkpoint (the one a consumer restores)."""
-  latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
-               key=lambda p: int(p.name))
-  files = [p for p in (latest / "state").rglob("*") if p.is_file()]
-  return max(files, key=lambda p: p.stat().st_size)
+def _biggest_state_files(workdir):
+  """The largest array file of every checkpoint step (damaging only the newest would not stop a
+  consumer: it falls back to the previous step, tests/test_faults.py)."""
+  steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  return [max((p for p in (step / "state").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size) for step in steps]
 
 
 @pytest.mark.parametrize("damage", ["delete_data", "garble_data", "delete_metadata",
                                     "no_checkpoints"])
 def test_distill_reports_a_corrupt_teacher_checkpoint(small_teacher, tmp_path, damage):
-  """A teacher checkpoint with a deleted or overwritten data file, no _METADATA, or no checkpoint
+  """Teacher checkpoints with a deleted or overwritten data file, no _METADATA, or no checkpoint
   at all: one-line WorkdirError naming the teacher's checkpoint path."""
   teacher = tmp_path / "teacher"
   shutil.copytree(small_teacher, teacher)
   if damage == "delete_data":
-    _biggest_state_file(teacher).unlink()
+    for path in _biggest_state_files(teacher):
+      path.unlink()
   elif damage == "garble_data":
-    path = _biggest_state_file(teacher)
-    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    for path in _biggest_state_files(teacher):
+      path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
   elif damage == "delete_metadata":
     for path in (teacher / "checkpoints").glob("*/state/_METADATA"):
       path.unlink()
   else:
     shutil.rmtree(teacher / "checkpoints")
-  message = "has no checkpoint" if damage == "no_checkpoints" else "could not be read"
+  message = "has no checkpoint" if damage == "no_checkpoints" else "no readable checkpoint"
   with pytest.raises(workdir_lib.WorkdirError, match=message) as info:
     dmmd_run.distill_student(student_config(str(teacher)), str(tmp_path / "student"))
   assert str(teacher) in str(info.value)
@@ -673,7 +675,7 @@ def _check_nan_stop(workdir, info, loss_names):
   # complete when the error reaches the caller (a CLI process exits right after it).
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] == bad_step - 1, (bad_step, os.listdir(workdir / "checkpoints"))
-  params = workdir_lib.load_params(str(workdir), "student")
+  params = checkpoints.load_params(str(workdir), "student")
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
   assert all(r["step"] < bad_step for r in _helpers.read_metrics(workdir))
   return bad_step
@@ -728,5 +730,5 @@ def test_student_may_choose_its_own_noise_input(small_teacher, tmp_path):
   config = student_config(small_teacher, **{"model.noise_dim": 3,
                                             **_helpers.quiet_schedule("distill", 2)})
   assert dmmd_run.distill_student(config, str(tmp_path / "student")) == {"step": 2}
-  student = workdir_lib.load_params(str(tmp_path / "student"), "student")
+  student = checkpoints.load_params(str(tmp_path / "student"), "student")
   assert student["noise_proj"]["kernel"].shape == (3, 64)

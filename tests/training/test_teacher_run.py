@@ -16,6 +16,7 @@ import pytest
 
 from dmmd_jax import config_lib
 from dmmd_jax.data import types as data_types
+from dmmd_jax.infra import checkpoints
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import loop, teacher_run, trained_model
 
@@ -33,7 +34,7 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   result = teacher_run.train_teacher(_helpers.fast_digits(**overrides), straight)
 
-  save = workdir_lib.save_checkpoint
+  save = checkpoints.save_checkpoint
 
   def save_then_die(manager, step, state, data_state):
     save(manager, step, state, data_state)
@@ -53,7 +54,7 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
   assert rows_a == rows_b
   assert "eval_bpt" in rows_a[3] and "eval_bpt" in rows_a[7]
   for name in ("params", "ema_params"):
-    a, b = workdir_lib.load_params(straight, name), workdir_lib.load_params(resumed, name)
+    a, b = checkpoints.load_params(straight, name), checkpoints.load_params(resumed, name)
     assert _helpers.tree_max_abs_diff(a, b) <= 1e-6, name
 
 
@@ -148,7 +149,7 @@ def _check_nan_stop(workdir, info):
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] == bad_step - 1, (bad_step, os.listdir(workdir / "checkpoints"))
   assert all(r["step"] < bad_step for r in _helpers.read_metrics(workdir))
-  params = workdir_lib.load_params(str(workdir), "ema_params")
+  params = checkpoints.load_params(str(workdir), "ema_params")
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
   return bad_step
 
