@@ -24,6 +24,9 @@ ARCHITECTURE_SECTIONS = ("data", "kernel", "model")
 # (the teacher never uses it), and compute choices do not change the float32 parameters.
 STUDENT_FREE_KEYS = ("model.noise_kind", "model.noise_dim", "model.pyramid_levels",
                      "model.dtype", "model.attention_impl")
+# Keys no run has to agree on (how activations are recomputed, how shards are checked), so runs
+# stored before these keys existed resume too.
+COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
 
 
 class WorkdirError(ValueError):
@@ -61,7 +64,8 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
   for section in ARCHITECTURE_SECTIONS:
     a, b = stored.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key) and f"{section}.{key}" not in ignore:
+      name = f"{section}.{key}"
+      if a.get(key) != b.get(key) and name not in ignore and name not in COMPUTE_ONLY_KEYS:
         return f"{section}.{key}: stored {a.get(key)!r}, now {b.get(key)!r}"
   return None
 
