@@ -30,7 +30,7 @@ from dmmd_jax import data
 
 _WORK = flags.DEFINE_string("work_dir", "/tmp/dmmd_data_bench", "Scratch directory (deleted).")
 _SIZE = flags.DEFINE_float("size_gb", 2.0, "Size of the generated corpus in GB (1e9 bytes).")
-_BPE_MB = flags.DEFINE_float("bpe_mb", 256.0, "MB of the corpus to prepare with GPT-2 BPE (0: all).")
+_BPE_MB = flags.DEFINE_float("bpe_mb", 256.0, "MB of the corpus prepared with GPT-2 BPE (0: all).")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "Window length of the training run and the loader.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Loader batch size.")
 _BATCHES = flags.DEFINE_integer("batches", 200, "Timed loader batches.")
@@ -144,8 +144,9 @@ def main(argv):
     print(rows, flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO),
                DMMD_JAX_COMPILATION_CACHE=str(work / "xla_cache"))
-    for name, prepared in (("1 MB", "small_char"), ("big", "big_char"), ("1 MB again", "small_char"),
-                           ("big again", "big_char")):
+    runs = (("1 MB", "small_char"), ("big", "big_char"), ("1 MB again", "small_char"),
+            ("big again", "big_char"))
+    for name, prepared in runs:
       rows[f"train ({name})"] = train_run(work / prepared, work / f"run_{len(rows)}", env)
       print(rows[f"train ({name})"], flush=True)
     rows["loader tokens/s"] = loader_throughput(work / "big_char")

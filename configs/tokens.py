@@ -1,6 +1,7 @@
 r"""A pre-tokenized corpus streamed from disk (data.source="tokens"), e.g. OpenWebText in GPT-2 BPE.
 
-    python experiments/prepare_data.py --tfds_name=openwebtext --output_dir=data/owt --tokenizer=gpt2
+    python experiments/prepare_data.py --tfds_name=openwebtext --output_dir=data/owt \
+        --tokenizer=gpt2
     python experiments/train_teacher.py --config=configs/tokens.py:base \
         --config.data.path=data/owt --workdir=runs/owt_teacher
 
