@@ -5,7 +5,8 @@ r"""Streaming pre-tokenized data: prepare throughput, start-up time, peak RSS, l
 1. Generates a `--size_gb` text corpus under --work_dir (Shakespeare's lines, shuffled afresh for
    each repetition) and a 1 MB corpus cut from it.
 2. `experiments/prepare_data.py` on both with the character tokenizer, and on the first
-   `--bpe_mb` MB (0: all) with GPT-2 BPE: MB/s and tokens/s (wall clock, all stages).
+   `--bpe_mb` MB (0: all) with GPT-2 BPE: MB/s and tokens/s (wall clock, all stages), and per
+   CPU-second of all its processes (on a shared machine, what one free core would do).
 3. Start-up time (process start → step 1 logged in metrics.jsonl) and peak RSS of a short
    teacher run (`configs/shakespeare_char.py:tiny` on data.source=tokens, `--seq_len` tokens) on
    the 1 MB and the big corpus, in fresh processes sharing one compilation cache.
@@ -18,6 +19,7 @@ Deletes --work_dir at the end unless --keep. Prints a Markdown table.
 import json
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,7 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Loader batch size.")
 _BATCHES = flags.DEFINE_integer("batches", 200, "Timed loader batches.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps of each training run.")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep --work_dir.")
+_PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Stop after the prepare measurements.")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,17 +78,24 @@ def generate(path: pathlib.Path, size: int, seed: int = 0) -> None:
       written += len(block)
 
 
+def _child_cpu_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def prepare(source: pathlib.Path, out: pathlib.Path, tokenizer: str) -> dict:
-  start = time.perf_counter()
+  """Wall-clock rates, and MB per CPU-second of all its processes (what one free core does)."""
+  start, cpu = time.perf_counter(), _child_cpu_s()
   subprocess.run([sys.executable, "experiments/prepare_data.py", f"--input={source}",
                   f"--output_dir={out}", f"--tokenizer={tokenizer}"], check=True, cwd=REPO,
                  stderr=subprocess.DEVNULL)
-  seconds = time.perf_counter() - start
+  seconds, cpu = time.perf_counter() - start, _child_cpu_s() - cpu
   index = json.loads((out / "index.json").read_text())
   tokens = sum(index["num_tokens"].values())
   size = source.stat().st_size
   return {"MB": size / 1e6, "s": seconds, "MB/s": size / 1e6 / seconds,
-          "tokens": tokens, "tokens/s": tokens / seconds}
+          "tokens": tokens, "tokens/s": tokens / seconds, "cpu_s": cpu,
+          "MB/cpu_s": size / 1e6 / cpu, "tokens/cpu_s": tokens / cpu}
 
 
 def train_run(prepared: pathlib.Path, workdir: pathlib.Path, env: dict) -> dict:
@@ -142,6 +152,8 @@ def main(argv):
         bpe.write_bytes(f.read(int(_BPE_MB.value * 1e6)).rsplit(b"\n", 1)[0] + b"\n")
     rows["prepare gpt2"] = prepare(bpe if _BPE_MB.value else big, work / "bpe", "gpt2")
     print(rows, flush=True)
+    if _PREPARE_ONLY.value:
+      return
     env = dict(os.environ, PYTHONPATH=str(REPO),
                DMMD_JAX_COMPILATION_CACHE=str(work / "xla_cache"))
     runs = (("1 MB", "small_char"), ("big", "big_char"), ("1 MB again", "small_char"),
@@ -153,8 +165,8 @@ def main(argv):
   finally:
     if not _KEEP.value:
       shutil.rmtree(work, ignore_errors=True)
-  print(json.dumps(rows, indent=1))
-  print(f"load average {os.getloadavg()}")
+    print(json.dumps(rows, indent=1))
+    print(f"load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ r"""Per-device memory and FLOPs of the base presets, compiled ahead of time on e
 
     python bench/memory.py --preset=text --meshes=1,data8,fsdp8 --steps=teacher,student,aux
     python bench/memory.py --preset=text --meshes=1 --remat=none,block,dots_saveable
-    python bench/memory.py --preset=text --fit_batch --remat=none,block
+    python bench/memory.py --preset=text --meshes=1 --batch=8 --json=rows.jsonl  (and --batch=4)
+    python bench/memory.py --fit_from=rows.jsonl
     python bench/memory.py --preset=large --meshes=fsdp8
 
 Nothing runs: every step is `jax.jit(step).lower(abstract arguments).compile()` on
@@ -19,8 +20,9 @@ compiled FLOPs of all devices against the analytic count:
       + F (auxiliary); auxiliary update = F (student) + F (teacher) + 3F (auxiliary).
 
 With remat the backward recomputes the blocks' forward, so the compiled count rises by up to F
-(by design). --fit_batch fits memory(b) = a + b·c per device from two batches on one device and
-reports the largest per-device batch under 80 GB and 16 GB (then compiles that batch to check).
+(by design). --fit_from fits memory(b) = a + b·c per device to the one-device rows of a --json
+file compiled at two or more batch sizes and reports the largest per-device batch under 80 GB and
+16 GB.
 
 Presets: text = configs/shakespeare_bpe.py:base (GPT-2 vocabulary, L = 1024); images =
 configs/fashion_mnist.py:base (256 grey levels, L = 784); large = configs/tokens.py:large.
@@ -52,7 +54,8 @@ _MESHES = flags.DEFINE_list("meshes", ["1"], "Meshes: 1, data8, fsdp8, tensor8, 
 _STEPS = flags.DEFINE_list("steps", ["teacher", "student", "aux"], "Steps to compile.")
 _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat values.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Per-device batch (global = per-device × data×fsdp).")
-_FIT = flags.DEFINE_bool("fit_batch", False, "Largest per-device batch under 80 / 16 GB.")
+_FIT = flags.DEFINE_string("fit_from", "", "Instead of compiling: the largest per-device batch "
+                           "under 80 / 16 GB from the one-device rows of this --json file.")
 _JSON = flags.DEFINE_string("json", "", "Append result rows (JSON lines) to this file.")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -205,15 +208,24 @@ def _param_count(setup) -> int:
   return _param_count_of(dataclasses.replace(setup.model_cfg, remat="none"))
 
 
-def fit_batch(step: str, remat: str) -> dict:
-  """Largest per-device batch on one device under 80 GB and 16 GB, from a linear fit."""
-  a, b = measure(step, "1", remat, 2), measure(step, "1", remat, 6)
-  slope = (b["peak_gb"] - a["peak_gb"]) / 4
-  fixed = a["peak_gb"] - 2 * slope
-  fits = {f"max_batch_{cap}gb": int((cap - fixed) // slope) for cap in (80, 16)}
-  check = measure(step, "1", remat, max(1, fits["max_batch_80gb"]))
-  return dict(step=step, remat=remat, fixed_gb=fixed, gb_per_example=slope, **fits,
-              check_batch=check["per_device_batch"], check_peak_gb=check["peak_gb"])
+def fit_batches(rows: list) -> list:
+  """Largest per-device batch under 80 GB and 16 GB for each (preset, step, remat) compiled on
+  one device at two or more batch sizes: memory is affine in the batch, a + b·c."""
+  groups = {}
+  for row in rows:
+    if row.get("mesh") == "1" and "peak_gb" in row:
+      key = (row["preset"], row["step"], row["remat"])
+      groups.setdefault(key, {})[row["per_device_batch"]] = row["peak_gb"]
+  fits = []
+  for (preset, step, remat), points in sorted(groups.items()):
+    if len(points) < 2:
+      continue
+    batches = sorted(points)
+    slope, fixed = np.polyfit(batches, [points[b] for b in batches], 1)
+    fits.append(dict(preset=preset, step=step, remat=remat, batches=batches, fixed_gb=fixed,
+                     gb_per_example=slope, **{f"max_batch_{cap}gb": int((cap - fixed) // slope)
+                                               for cap in (80, 16)}))
+  return fits
 
 
 def emit(row: dict) -> None:
@@ -226,11 +238,14 @@ def emit(row: dict) -> None:
 
 def main(argv):
   del argv
+  if _FIT.value:
+    with open(_FIT.value) as f:
+      for row in fit_batches([json.loads(line) for line in f]):
+        print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in row.items()))
+    return
   for remat in _REMAT.value:
     for step in _STEPS.value:
-      if _FIT.value:
-        emit(dict(preset=_PRESET.value, **fit_batch(step, remat)))
-        continue
       for mesh_name in _MESHES.value:
         try:
           emit(measure(step, mesh_name, remat, _BATCH.value))
