@@ -319,10 +319,6 @@ def write_shard(out_dir: str, shard: dict, spec_json: str, dtype: str, jsonl_fie
   return meta
 
 
-def _codepoints_job(piece: dict, jsonl_field: str) -> np.ndarray:
-  return _piece_codepoints(piece, jsonl_field)
-
-
 # ----------------------------------------------------------------------------------------------
 # prepare: plan, tokenise in parallel, index.
 
@@ -382,7 +378,7 @@ def _tokenizer_spec(request: Request, shards: list, workers: int) -> dict:
     except ImportError as e:
       raise ShardError(str(e)) from e
   jobs = [(p, request.jsonl_field) for s in shards for p in s["pieces"]]
-  codes = {int(c) for found in _map(_codepoints_job, jobs, workers) for c in found}
+  codes = {int(c) for found in _map(_piece_codepoints, jobs, workers) for c in found}
   return tokenizers.CharTokenizer("".join(map(chr, sorted(codes | {ord("\n")})))).spec()
 
 

@@ -113,6 +113,41 @@ def test_directory_of_text_and_jsonl_documents(tmp_path):
   assert strip(serial) == strip(parallel)
 
 
+def test_tfds_dataset_with_a_test_split(tmp_path):
+  """Train documents go to train shards, the test split to the held-out shards, each document
+  followed by <|endoftext|> as in memory."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("tiktoken")
+
+  class DmmdShardText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(0, 30), "test": self._generate_examples(30, 36)}
+
+    def _generate_examples(self, lo, hi):
+      for i in range(lo, hi):
+        yield i, {"text": f"document {i}:\n\n\nthe cat sat on the mat."}
+
+  DmmdShardText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  index = prepare(tmp_path / "out", "gpt2", tfds_name="dmmd_shard_text",
+                  tfds_data_dir=str(tmp_path / "tfds"))
+  source = lambda split: data._tfds_split("dmmd_shard_text", split, str(tmp_path / "tfds"))
+  docs = lambda split: [token_shards._as_text(source(split)[i]["text"])
+                        for i in range(len(source(split)))]
+  tok = tokenizers.GPT2Tokenizer()
+  np.testing.assert_array_equal(shard_tokens(tmp_path / "out", "train"),
+                                data._join_docs(tok, docs("train")))
+  np.testing.assert_array_equal(shard_tokens(tmp_path / "out", "eval"),
+                                data._join_docs(tok, docs("test")))
+  assert index["vocab_size"] == 50257
+
+
 def test_vocabularies_above_65536_use_uint32():
   assert token_shards.dtype_for(65536) == "uint16"
   assert token_shards.dtype_for(65537) == "uint32"
