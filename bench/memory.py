@@ -25,7 +25,8 @@ file compiled at two or more batch sizes and reports the largest per-device batc
 16 GB.
 
 Presets: text = configs/shakespeare_bpe.py:base (GPT-2 vocabulary, L = 1024); images =
-configs/fashion_mnist.py:base (256 grey levels, L = 784); large = configs/tokens.py:large.
+configs/fashion_mnist.py:base (256 grey levels, L = 784); large = configs/tokens.py:large;
+text_small = configs/shakespeare_bpe.py:small (quick to compile).
 """
 
 import os
@@ -49,7 +50,8 @@ from jax.sharding import Mesh  # noqa: E402
 
 from dmmd_jax import config_lib, data, denoiser, distill, sharding, train  # noqa: E402
 
-_PRESET = flags.DEFINE_enum("preset", "text", ["text", "images", "large"], "Which preset.")
+_PRESET = flags.DEFINE_enum("preset", "text", ["text", "images", "large", "text_small"],
+                            "Which preset.")
 _MESHES = flags.DEFINE_list("meshes", ["1"], "Meshes: 1, data8, fsdp8, tensor8, d2f2t2, …")
 _STEPS = flags.DEFINE_list("steps", ["teacher", "student", "aux"], "Steps to compile.")
 _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat values.")
@@ -61,7 +63,8 @@ _JSON = flags.DEFINE_string("json", "", "Append result rows (JSON lines) to this
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {"text": ("shakespeare_bpe", "base", 50257, 1024, None),
            "images": ("fashion_mnist", "base", 256, 784, (28, 28, 1)),
-           "large": ("tokens", "large", 50257, 1024, None)}
+           "large": ("tokens", "large", 50257, 1024, None),
+           "text_small": ("shakespeare_bpe", "small", 50257, 128, None)}
 MESHES = {"1": (1, 1, 1), "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "tensor8": (1, 1, 8),
           "d2f2t2": (2, 2, 2), "d4t2": (4, 1, 2), "f4t2": (1, 4, 2)}
 GB = 1e9
