@@ -7,8 +7,9 @@ r"""A pre-tokenized corpus streamed from disk (data.source="tokens"), e.g. OpenW
 
 data.tokenizer must match the prepared directory (gpt2 here; --config.data.tokenizer=char for a
 character corpus). base is the paper's OpenWebText network (≈170M parameters, 1024 tokens);
-large (≈1.1B parameters: 18 layers, width 2048) needs fsdp over 8 devices and remat="block"
-(bench/memory.py records its per-device memory).
+large (≈1.2B parameters: 18 layers, width 2048) shards its parameters over all devices (fsdp)
+and recomputes its blocks (model.remat=block); bench/memory.py compiles it on 8 emulated devices
+and BENCHMARKS.md records its per-device memory.
 """
 
 from dmmd_jax import config_lib
