@@ -23,7 +23,7 @@ import ml_collections
 
 PRESETS = ("tiny", "small", "base")
 DATA_SOURCES = ("shakespeare", "text_file", "npy", "tfds_text", "synthetic", "fashion_mnist",
-                "digits", "tfds_image")
+                "digits", "tfds_image", "tokens")
 KERNEL_KINDS = ("masked", "uniform")
 SCHEDULES = ("linear", "cosine")
 TIME_GRIDS = ("uniform", "cosine")
@@ -54,6 +54,7 @@ class DataConfig:
   max_examples: int = 0
   synthetic_seed: int = 0
   synthetic_concentration: float = 0.1
+  verify_shards: str = "quick"  # source "tokens": "quick" (sizes) or "full" (checksums)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class ModelConfig:
   noise_dim: int = 32
   pyramid_levels: int = 3
   attention_impl: str = "xla"
+  remat: str = "none"  # activation checkpointing of the blocks (`models.denoiser.REMAT`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +389,7 @@ def _check_choice(value, choices, key: str) -> None:
 def validate_data(data: DataConfig) -> None:
   _check_choice(data.source, DATA_SOURCES, "data.source")
   _check_choice(data.tokenizer, ("char", "gpt2"), "data.tokenizer")
+  _check_choice(data.verify_shards, ("quick", "full"), "data.verify_shards")
   _check(0.0 <= data.eval_fraction < 1.0,
          f"config.data.eval_fraction must be in [0, 1), got {data.eval_fraction}.")
   for name in ("seq_len", "levels", "max_examples", "vocab_size"):

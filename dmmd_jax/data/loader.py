@@ -18,7 +18,8 @@ def batch_iterator(tokens: np.ndarray, batch_size: int, seed: int, *, shuffle: b
   iterator's `get_state()` / `set_state()` to resume exactly.
 
   Args:
-    tokens: int [N, L] examples.
+    tokens: int [N, L] examples: an array, or a random-access source with `shape`, `len` and
+      row indexing (e.g. `token_shards.TokenWindows`), read a batch of rows at a time.
     batch_size: global batch size B, divisible by `process_count`.
     seed: shuffle seed (taken modulo 2**32).
     shuffle: if False, rows come in order, epoch after epoch.
@@ -28,7 +29,8 @@ def batch_iterator(tokens: np.ndarray, batch_size: int, seed: int, *, shuffle: b
   Returns:
     A `grain.DatasetIterator` yielding int32 [B // P, L].
   """
-  tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+  if isinstance(tokens, np.ndarray) or not hasattr(tokens, "shape"):
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)  # else a random-access row source
   if tokens.ndim != 2 or len(tokens) == 0:
     raise data_types.DataError(
         f"batch_iterator needs a non-empty [N, L] array, got shape {tokens.shape}.")

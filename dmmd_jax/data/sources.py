@@ -9,6 +9,9 @@ Every source turns a `config_lib.DataConfig` into int32 token arrays `train [N, 
          K = `vocab_size`, L = `seq_len`, `synthetic_seed`, `synthetic_concentration`.
   image  (fashion_mnist, digits, tfds_image; `images.py`): pixels flattened row-major over
          (H, W, C), so L = H·W·C, quantised to K = `levels` grey levels.
+  tokens (`token_shards.py`): a directory of pre-tokenized shards (`path`, written by
+         experiments/prepare_data.py); train and eval are `TokenWindows`, read on demand from
+         memory-mapped files (`verify_shards`: "quick" sizes or "full" checksums).
 
 Fields: `tokenizer` ("char" | "gpt2", text), `path` (text_file, npy), `vocab_size` (npy:
 required; else 0 = infer, nonzero must match), `seq_len` (text window; npy: 0 = from the array;
@@ -22,7 +25,7 @@ A new source is one loader function and one entry in `SOURCES` (and its name in
 import numpy as np
 
 from dmmd_jax import config_lib
-from dmmd_jax.data import images, synthetic, text
+from dmmd_jax.data import images, synthetic, text, token_shards
 from dmmd_jax.data import types as data_types
 
 SOURCES = {
@@ -34,6 +37,7 @@ SOURCES = {
     "fashion_mnist": images.load_images,
     "digits": images.load_images,
     "tfds_image": images.load_images,
+    "tokens": token_shards.load_dataset,
 }
 
 

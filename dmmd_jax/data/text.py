@@ -157,7 +157,7 @@ def _read_text_file(cfg) -> str:
   return text
 
 
-def _join_docs(tok: tokenizers.Tokenizer, docs: list[str]) -> np.ndarray:
+def join_docs(tok: tokenizers.Tokenizer, docs: list[str]) -> np.ndarray:
   """Tokenises documents into one stream: GPT-2 separates them by <|endoftext|>, chars by "\\n"."""
   if isinstance(tok, tokenizers.GPT2Tokenizer):
     parts = [np.append(tok.encode(d), np.int32(tok.eot_id)) for d in docs]
@@ -176,9 +176,9 @@ def load_tfds_text(cfg):
   train_docs = _tfds_texts(train_src, count, need)
   eval_docs = _tfds_texts(eval_src, count, need) if eval_src is not None else []
   tok = _make_tokenizer(cfg, "\n".join(train_docs + eval_docs) + "\n")
-  train, evals = _split_stream(_join_docs(tok, train_docs), frac, seq_len)
+  train, evals = _split_stream(join_docs(tok, train_docs), frac, seq_len)
   if eval_src is not None:
-    evals = _windows(_join_docs(tok, eval_docs), seq_len)
+    evals = _windows(join_docs(tok, eval_docs), seq_len)
   info = _text_info(tok, cfg, seq_len)
   return splits.cap(train, max_examples), splits.cap(evals, max_examples), info
 

@@ -2,7 +2,7 @@
 
 from dmmd_jax.data import types as data_types
 
-_TFDS_EVAL_SPLITS = ("test", "validation")
+EVAL_SPLITS = ("test", "validation")
 
 
 def split(name: str, split: str, data_dir: str):
@@ -30,7 +30,7 @@ def split(name: str, split: str, data_dir: str):
 
 def eval_split(name: str, data_dir: str):
   """The dataset's official "test" (else "validation") split, or None if it has neither."""
-  for split_name in _TFDS_EVAL_SPLITS:
+  for split_name in EVAL_SPLITS:
     try:
       return split(name, split_name, data_dir)
     except data_types.DataError as e:

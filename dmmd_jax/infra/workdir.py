@@ -31,6 +31,11 @@ STUDENT_FREE_KEYS = ("model.noise_kind", "model.noise_dim", "model.pyramid_level
 PATH_KEYS = ("path", "tfds_data_dir", "cache_dir")
 
 
+# Keys no run has to agree on (how activations are recomputed, how shards are checked), so runs
+# stored before these keys existed resume too.
+COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
+
+
 class WorkdirError(ValueError):
   """A workdir that cannot be used as asked."""
 
@@ -69,7 +74,8 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
     for key in sorted(set(a) | set(b)):
       same = a.get(key) == b.get(key) or (
           key in PATH_KEYS and _norm(a.get(key)) == _norm(b.get(key)))
-      if not same and f"{section}.{key}" not in ignore:
+      name = f"{section}.{key}"
+      if not same and name not in ignore and name not in COMPUTE_ONLY_KEYS:
         return f"{section}.{key}: stored {a.get(key)!r}, now {b.get(key)!r}"
   return None
 

@@ -55,7 +55,7 @@ RUN_DEFINING = {
 # Fields compared as file-system locations; never-blocking fields.
 PATH_FIELDS = ("data.path", "data.tfds_data_dir", "distill.teacher_workdir")
 DATA_LOCATION_FIELDS = ("data.path", "data.tfds_data_dir")
-IGNORED_FIELDS = ("data.cache_dir", "resume_override")
+IGNORED_FIELDS = ("data.cache_dir", "resume_override", *workdir_lib.COMPUTE_ONLY_KEYS)
 # run.json entries that define an SDTT run besides the config.
 RUN_INFO_FIELDS = {"sdtt": ("start_steps",)}
 

@@ -26,6 +26,12 @@ import jax.numpy as jnp
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import forward_process
 
+# Activation checkpointing of the Transformer blocks: "block" keeps only each block's input and
+# recomputes the rest in the backward pass; the others name a `jax.checkpoint_policies` policy
+# (what the block may keep, e.g. every matmul output).
+REMAT = {"none": None, "block": "nothing_saveable", "dots_saveable": "dots_saveable",
+         "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable"}
+
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserConfig:
@@ -47,6 +53,7 @@ class DenoiserConfig:
   image_shape: tuple = ()  # (H, W, C) for the pyramid
   pyramid_levels: int = 3
   attention_impl: str = "xla"  # or "cudnn" on NVIDIA GPUs
+  remat: str = "none"  # activation checkpointing of the blocks: a key of REMAT
 
   @property
   def compute_dtype(self):
@@ -152,8 +159,9 @@ class Transformer(nn.Module):
     cond = nn.silu(_dense(cfg.cond_dim, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
 
     positions = jnp.arange(tokens.shape[1])
+    block = _block_class(cfg.remat)
     for i in range(cfg.num_layers):
-      x = Block(cfg, name=f"block_{i}")(x, cond, positions)
+      x = block(cfg, name=f"block_{i}")(x, cond, positions)
 
     shift, scale = jnp.split(_dense(2 * cfg.width, ("cond", "embed"), "final_adaln", dt,
                                     zero=True)(cond), 2, axis=-1)
@@ -161,6 +169,13 @@ class Transformer(nn.Module):
                   shift, scale)
     logits = _dense(cfg.vocab_size, ("embed", "vocab"), "logits", dt)(x)
     return logits.astype(jnp.float32)
+
+
+def _block_class(remat: str):
+  """Block, or Block under `nn.remat` with the policy REMAT[remat] (same parameters)."""
+  if remat == "none":
+    return Block
+  return nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT[remat]))
 
 
 def init_params(key, cfg: DenoiserConfig):
@@ -234,6 +249,7 @@ def validate_config(cfg: DenoiserConfig) -> None:
        "model.noise_dim must be divisible by model.pyramid_levels"),
       (cfg.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
       (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl must be 'xla' or 'cudnn'"),
+      (cfg.remat in REMAT, f"model.remat must be one of {tuple(REMAT)}, got {cfg.remat!r}"),
   ]
   for ok, message in checks:
     if not ok:

@@ -59,7 +59,7 @@ def denoiser_config_of(config: config_lib.ExperimentConfig, kernel: forward_proc
       mask_id=kernel.mask_id if kernel.is_masked else -1, noise_kind=m.noise_kind,
       noise_dim=m.noise_dim if m.noise_kind != "none" else 0,
       image_shape=tuple(image_shape or ()), pyramid_levels=m.pyramid_levels,
-      attention_impl=m.attention_impl)
+      attention_impl=m.attention_impl, remat=m.remat)
 
 
 def sampler_config_of(config: config_lib.ExperimentConfig, steps: int | None = None,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dmmd_jax import config_lib
-from dmmd_jax.data import images, sources
+from dmmd_jax.data import images, sources, splits, text, token_shards
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.models import denoiser
 from dmmd_jax.training import dmmd_run, teacher_run, trained_model
@@ -43,7 +43,7 @@ DIFFUSION_CONFIGS = [n for n in CONFIGS if is_diffusion_config(n)]
 
 def test_the_expected_configs_exist():
   assert {"digits", "fashion_mnist", "npy_tokens", "shakespeare_bpe",
-          "shakespeare_char"} <= set(DIFFUSION_CONFIGS)
+          "shakespeare_char", "tokens"} <= set(DIFFUSION_CONFIGS)
 
 
 @pytest.mark.parametrize("name, preset", [(n, p) for n in CONFIGS for p in presets_of(n)])
@@ -95,6 +95,11 @@ def _tiny_overrides(name, tmp_path):
     tokens = np.random.default_rng(0).integers(0, 5, size=(200, 8)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
     overrides.update({"data.path": str(tmp_path / "tokens.npy"), "data.vocab_size": 5})
+  if name == "tokens":  # a small prepared character corpus
+    (tmp_path / "corpus.txt").write_text(text.shakespeare_text(splits.cache_dir())[:200_000])
+    request = token_shards.Request(input_path=str(tmp_path / "corpus.txt"), shard_mb=0.05)
+    token_shards.prepare(tmp_path / "tokens", request, workers=1, progress=False)
+    overrides.update({"data.path": str(tmp_path / "tokens"), "data.tokenizer": "char"})
   return overrides
 
 
