@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from dmmd_jax import config_lib, distill, losses, sampling, train
+from dmmd_jax import config_lib, distill, losses, prompts, sampling, train
 from dmmd_jax import workdir as workdir_lib
 
 
@@ -41,18 +41,25 @@ class Model:
                                      uniform_elbo_steps=s.config.train.uniform_elbo_steps))
 
   def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
-             **sampler_overrides) -> np.ndarray:
-    """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once)."""
+             prompt: prompts.Prompt | None = None, **sampler_overrides) -> np.ndarray:
+    """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once).
+
+    prompt: tokens kept fixed (a prefix or an infilling template); checked before compiling.
+    """
     sampler_cfg = config_lib.sampler_config(self.setup.config, steps or self.default_steps,
                                             **sampler_overrides)
     sampler_cfg.validate()
+    length = self.setup.seq_len
+    fixed, fixed_tokens = (None, None) if prompt is None else prompt.arrays(
+        num_samples, length, self.setup.kernel.vocab_size)
     batch_size = batch_size or num_samples
     out = []
     for i in range(0, num_samples, batch_size):
       n = min(batch_size, num_samples - i)
+      rows = (None, None) if prompt is None else (fixed[i:i + n], fixed_tokens[i:i + n])
       out.append(np.asarray(sampling.sample(
           jax.random.fold_in(jax.random.key(seed), i), self.setup.apply_fn, self.params,
-          self.setup.kernel, sampler_cfg, n, self.setup.seq_len, noise_fn=self.noise_fn())))
+          self.setup.kernel, sampler_cfg, n, length, self.noise_fn(), *rows)))
     return np.concatenate(out)
 
   def negative_elbo_bits(self, tokens: np.ndarray, seed: int = 0, repeats: int = 4) -> float:
