@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, width=256, num_heads=4, mlp_ratio=4, cond_dim=128, dtype="float32",
       time_conditioning=True, noise_kind="projection", noise_dim=32, pyramid_levels=3,
-      attention_impl="xla"))
+      attention_impl="xla", block_size=0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=1000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01,
       grad_clip=1.0, b1=0.9, b2=0.99, ema_decay=0.999, log_every=50, eval_every=500,
@@ -95,7 +95,8 @@ def denoiser_config(config, kernel: kernels.Kernel, seq_len: int,
       cond_dim=m.cond_dim, dtype=m.dtype, time_conditioning=m.time_conditioning,
       mask_id=kernel.mask_id if kernel.is_masked else -1, noise_kind=noise_kind,
       noise_dim=m.noise_dim if noise_kind != "none" else 0, image_shape=tuple(image_shape or ()),
-      pyramid_levels=m.pyramid_levels, attention_impl=m.attention_impl)
+      pyramid_levels=m.pyramid_levels, attention_impl=m.attention_impl,
+      block_size=0 if m.block_size == seq_len else m.block_size)  # one block = whole-sequence
 
 
 def sampler_config(config, steps: int | None = None, **overrides) -> sampling.SamplerConfig:
@@ -133,6 +134,7 @@ def validate(config) -> None:
       "distill.noise_lr_multiplier"])
   for key in ("train.warmup_steps", "train.eval_every", "train.sample_every",
               "distill.warmup_steps", "distill.eval_every", "distill.noise_init_scale",
+              "model.block_size",
               "data.seq_len", "data.levels", "data.max_examples", "data.vocab_size"):
     section, name = key.split(".")
     if config[section][name] < 0:

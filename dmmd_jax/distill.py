@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dmmd_jax import config_lib, denoiser, kernels, sampling, sharding
+from dmmd_jax import blocks, config_lib, denoiser, kernels, sampling, sharding
 from dmmd_jax import train as train_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -74,6 +74,7 @@ class DistillConfig:
   top_p_delta: float = 2.0
   posterior_gap: float = 1e-3
   use_noise: bool = True
+  context: bool = False  # block model (setup.is_block, set by compile_updates)
 
   @classmethod
   def from_config(cls, config):
@@ -178,7 +179,12 @@ def moment_matching_estimator(student_params, aux_params, teacher_params, x, key
 
   x: int `[batch, length]` data. Returns the losses and diagnostics averaged over the M sets.
   Pure: differentiate w.r.t. student_params for `gen_loss`, aux_params for `aux_loss`.
+  Block models (cfg.context): all three networks read the same clean context, the data x, so
+  Algorithm 1 runs for every block of the batch at once (`blocks.py`).
   """
+  if cfg.context:
+    apply_fn = blocks.with_context(apply_fn, x)
+
   def one_set(set_key):
     draw = student_draw(set_key, student_params, x, apply_fn=apply_fn, kernel=kernel, cfg=cfg,
                         noise_fn=noise_fn)
@@ -335,6 +341,7 @@ def distill_optimizers(config):
 def compile_updates(setup, cfg: DistillConfig, student_opt, aux_opt, shardings, teacher_shardings):
   """The two jitted updates (student, auxiliary), sharded over the batch."""
   c = setup.config
+  cfg = dataclasses.replace(cfg, context=setup.is_block)
   estimator = functools.partial(moment_matching_estimator, apply_fn=setup.apply_fn,
                                 kernel=setup.kernel, cfg=cfg,
                                 noise_fn=student_noise_fn(setup, cfg))
@@ -355,8 +362,9 @@ def compile_updates(setup, cfg: DistillConfig, student_opt, aux_opt, shardings, 
 def sample_student(setup, params, cfg: DistillConfig, num_samples: int, key, **sampler_overrides):
   """`[num_samples, length]` tokens from a student: k steps, fresh noise each step."""
   sampler_cfg = config_lib.sampler_config(setup.config, cfg.student_steps, **sampler_overrides)
-  return sampling.sample(key, setup.apply_fn, params, setup.kernel, sampler_cfg, num_samples,
-                         setup.seq_len, noise_fn=student_noise_fn(setup, cfg))
+  return blocks.sample_model(key, setup.apply_fn, params, setup.kernel, sampler_cfg,
+                            setup.model_cfg, num_samples, setup.seq_len,
+                            student_noise_fn(setup, cfg))
 
 
 def distill(config, workdir: str) -> dict:

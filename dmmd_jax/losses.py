@@ -24,7 +24,7 @@ Bits per token = nats / (length · ln 2).
 import jax
 import jax.numpy as jnp
 
-from dmmd_jax import kernels, schedules
+from dmmd_jax import blocks, kernels, schedules
 
 
 def antithetic_times(key, batch_size: int):
@@ -60,11 +60,16 @@ def discrete_elbo(kernel: kernels.Kernel, log_x, x, z_t, t_index, num_steps: int
   return num_steps * posterior_kl(kernel, log_x, x, z_t, s, t)
 
 
-def diffusion_loss(key, params, apply_fn, kernel: kernels.Kernel, x, uniform_elbo_steps: int):
+def diffusion_loss(key, params, apply_fn, kernel: kernels.Kernel, x, uniform_elbo_steps: int,
+                   context: bool = False):
   """Negative ELBO of a batch, nats per sequence `[batch]`.
 
   apply_fn(params, tokens, t) → logits `[batch, length, K]`; x: int `[batch, length]`.
+  context: a block model (`blocks.py`), called as apply_fn(params, tokens, t, None, x) so that
+  every block reads its clean context from x; the loss is then the sum of the per-block ELBOs.
   """
+  if context:
+    apply_fn = blocks.with_context(apply_fn, x)
   time_key, noise_key = jax.random.split(key)
   u = antithetic_times(time_key, x.shape[0])
   if kernel.is_masked:

@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from dmmd_jax import config_lib, distill, losses, prompts, sampling, train
+from dmmd_jax import blocks, config_lib, distill, losses, prompts, train
 from dmmd_jax import workdir as workdir_lib
 
 
@@ -38,18 +38,28 @@ class Model:
   def _elbo_loss(self):
     s = self.setup
     return jax.jit(functools.partial(losses.diffusion_loss, apply_fn=s.apply_fn, kernel=s.kernel,
-                                     uniform_elbo_steps=s.config.train.uniform_elbo_steps))
+                                     uniform_elbo_steps=s.config.train.uniform_elbo_steps,
+                                     context=s.is_block))
 
   def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
-             prompt: prompts.Prompt | None = None, **sampler_overrides) -> np.ndarray:
+             prompt: prompts.Prompt | None = None, length: int | None = None,
+             **sampler_overrides) -> np.ndarray:
     """int32 `[num_samples, length]`, drawn in batches of `batch_size` (default: all at once).
 
     prompt: tokens kept fixed (a prefix or an infilling template); checked before compiling.
+    length: tokens per sample (default the trained length; other lengths need a block model,
+    whose steps are then per block).
     """
     sampler_cfg = config_lib.sampler_config(self.setup.config, steps or self.default_steps,
                                             **sampler_overrides)
     sampler_cfg.validate()
-    length = self.setup.seq_len
+    length = length or self.setup.seq_len
+    if length != self.setup.seq_len and not self.setup.is_block:
+      raise ValueError(f"this whole-sequence model generates exactly {self.setup.seq_len} "
+                       "tokens; other lengths need a block model (model.block_size).")
+    if self.setup.is_block and length % self.setup.model_cfg.block_size:
+      raise ValueError(f"the length ({length}) must be a multiple of the block size "
+                       f"({self.setup.model_cfg.block_size}).")
     fixed, fixed_tokens = (None, None) if prompt is None else prompt.arrays(
         num_samples, length, self.setup.kernel.vocab_size)
     batch_size = batch_size or num_samples
@@ -57,9 +67,10 @@ class Model:
     for i in range(0, num_samples, batch_size):
       n = min(batch_size, num_samples - i)
       rows = (None, None) if prompt is None else (fixed[i:i + n], fixed_tokens[i:i + n])
-      out.append(np.asarray(sampling.sample(
+      out.append(np.asarray(blocks.sample_model(
           jax.random.fold_in(jax.random.key(seed), i), self.setup.apply_fn, self.params,
-          self.setup.kernel, sampler_cfg, n, length, self.noise_fn(), *rows)))
+          self.setup.kernel, sampler_cfg, self.setup.model_cfg, n, length, self.noise_fn(),
+          *rows)))
     return np.concatenate(out)
 
   def negative_elbo_bits(self, tokens: np.ndarray, seed: int = 0, repeats: int = 4) -> float:

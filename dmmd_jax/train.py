@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dmmd_jax import config_lib, denoiser, losses, sampling, sharding
+from dmmd_jax import blocks, config_lib, denoiser, losses, sharding
 from dmmd_jax import data as data_lib
 from dmmd_jax import workdir as workdir_lib
 
@@ -51,7 +51,12 @@ class Setup:
   @functools.cached_property
   def apply_fn(self):
     """One partial per setup: jit caches by identity, a new partial per call would recompile."""
-    return functools.partial(denoiser.apply, cfg=self.model_cfg)
+    return functools.partial(blocks.apply if self.is_block else denoiser.apply, cfg=self.model_cfg)
+
+  @property
+  def is_block(self) -> bool:
+    """A block-autoregressive model: its apply_fn also takes the clean context (`blocks.py`)."""
+    return self.model_cfg.block_size > 0
 
   @property
   def seq_len(self) -> int:
@@ -135,13 +140,13 @@ def shardings_of(tree):
 
 
 def teacher_step(state: TrainState, batch, *, apply_fn, kernel, optimizer, ema_decay: float,
-                 uniform_elbo_steps: int, seed: int):
-  """One AdamW step on the negative ELBO. batch: int `[batch, length]`."""
+                 uniform_elbo_steps: int, seed: int, context: bool = False):
+  """One AdamW step on the negative ELBO. batch: int `[batch, length]`; context: block model."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
     return jnp.mean(losses.diffusion_loss(key, params, apply_fn, kernel, batch,
-                                          uniform_elbo_steps))
+                                          uniform_elbo_steps, context))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -158,7 +163,8 @@ def compile_teacher_step(setup: Setup, optimizer, shardings):
   c = setup.config
   step = functools.partial(
       teacher_step, apply_fn=setup.apply_fn, kernel=setup.kernel, optimizer=optimizer,
-      ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed)
+      ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed,
+      context=setup.is_block)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
@@ -169,7 +175,7 @@ def heldout_bits_per_token(setup: Setup, params, batch_size: int, num_batches: i
   num_batches = max(1, min(num_batches, len(tokens) // batch_size))
   loss = jax.jit(functools.partial(
       losses.diffusion_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
-      uniform_elbo_steps=setup.config.train.uniform_elbo_steps))
+      uniform_elbo_steps=setup.config.train.uniform_elbo_steps, context=setup.is_block))
   total = 0.0
   for i in range(num_batches):
     rows = tokens[i * batch_size:(i + 1) * batch_size]
@@ -281,9 +287,9 @@ def train_teacher(config, workdir: str) -> dict:
                                                t.eval_batches)}
 
   def samples(state, step):
-    tokens = sampling.sample(jax.random.key(step), setup.apply_fn, state.ema_params,
-                             setup.kernel, config_lib.sampler_config(config), t.num_samples,
-                             setup.seq_len)
+    tokens = blocks.sample_model(jax.random.key(step), setup.apply_fn, state.ema_params,
+                                 setup.kernel, config_lib.sampler_config(config), setup.model_cfg,
+                                 t.num_samples, setup.seq_len)
     if jax.process_index() == 0:
       import os  # noqa: PLC0415
       os.makedirs(f"{workdir}/samples", exist_ok=True)

@@ -1,0 +1,260 @@
+"""Block-autoregressive models (`dmmd_jax/blocks.py`): masks, the two-stream forward, the block
+ELBO against brute force, and the cached block sampler.
+
+The networks are tiny real denoisers with random (not zero-initialised) parameters, so every
+output depends on every input it may see; "must not see" is then checked exactly (==).
+"""
+
+import itertools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmmd_jax import blocks, config_lib, denoiser, kernels, losses, sampling
+
+V, L, BS = 3, 8, 2  # data tokens, length, block size
+
+
+def model_cfg(kind="masked", block_size=BS, seq_len=L, vocab=V, **overrides):
+  kernel = kernels.Kernel(kind, vocab)
+  options = dict(vocab_size=vocab, input_vocab_size=kernel.input_vocab_size, seq_len=seq_len,
+                 num_layers=2, width=32, num_heads=2, cond_dim=16,
+                 mask_id=kernel.mask_id if kernel.is_masked else -1, noise_kind="projection",
+                 noise_dim=4, block_size=block_size)
+  return kernel, denoiser.DenoiserConfig(**{**options, **overrides})
+
+
+def random_params(cfg, seed=0, scale=0.3):
+  """Every parameter random (the init's zero adaLN gates would make the blocks identities)."""
+  params = flax.linen.unbox(denoiser.init_params(jax.random.key(seed), cfg))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape)
+                                   for k, x in zip(keys, leaves, strict=True)])
+
+
+def data_and_noisy(kernel, batch=2, length=L, seed=0):
+  """Clean x and noisy z, int32 numpy `[batch, length]` (masked: 70% MASK)."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, kernel.vocab_size, (batch, length))
+  noise = np.full_like(x, kernel.mask_id) if kernel.is_masked else rng.integers(
+      0, kernel.vocab_size, (batch, length))
+  z = np.where(rng.random((batch, length)) < 0.7, noise, x)
+  return x.astype(np.int32), z.astype(np.int32)
+
+
+def test_two_stream_mask_is_the_block_pattern():
+  """L = 4, blocks of 2: rows/columns are (noisy 0..3 ‖ clean 0..3)."""
+  n = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]  # noisy ↔ noisy: same block
+  nc = [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]  # noisy → clean: earlier blocks
+  cc = [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]  # clean: block-causal
+  want = np.block([[np.array(n), np.array(nc)], [np.zeros((4, 4)), np.array(cc)]]).astype(bool)
+  np.testing.assert_array_equal(blocks.two_stream_mask(4, 2), want)
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_no_output_sees_what_it_must_not(kind):
+  """Changing the clean token at position p changes no logit of blocks ≤ block(p) (exactly) but
+  some of a later block; changing a noisy token or the noise input at p changes no logit outside
+  block(p) (exactly) but some inside it; clean keys/values of blocks < block(p) never change."""
+  kernel, cfg = model_cfg(kind)
+  params = random_params(cfg)
+  x, z = data_and_noisy(kernel)
+  t = jnp.array([0.3, 0.8])
+  noise = np.random.default_rng(3).normal(size=(2, L, cfg.noise_dim)).astype(np.float32)
+  fn = jax.jit(lambda z, noise, x: blocks.apply(params, z, t, noise, x, cfg=cfg))
+  kv_fn = jax.jit(lambda x: blocks.context_kv(params, x, cfg=cfg))
+  base, base_kv = np.asarray(fn(z, noise, x)), kv_fn(x)
+  block = np.arange(L) // BS
+  for p in range(L):
+    b = p // BS
+    x2 = x.copy()
+    x2[:, p] = (x[:, p] + 1) % V
+    out = np.asarray(fn(z, noise, x2))
+    np.testing.assert_array_equal(out[:, block <= b], base[:, block <= b])
+    if b < block[-1]:
+      assert np.any(out[:, block > b] != base[:, block > b])
+    for (k, v), (k2, v2) in zip(base_kv, kv_fn(x2), strict=True):
+      np.testing.assert_array_equal(k[:, block < b], k2[:, block < b])
+      np.testing.assert_array_equal(v[:, block < b], v2[:, block < b])
+
+    z2, noise2 = z.copy(), noise.copy()
+    z2[:, p] = (z[:, p] + 1) % kernel.input_vocab_size
+    noise2[:, p] += 1.0
+    for out in (np.asarray(fn(z2, noise, x)), np.asarray(fn(z, noise2, x))):
+      np.testing.assert_array_equal(out[:, block != b], base[:, block != b])
+      assert np.any(out[:, block == b] != base[:, block == b])
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_one_block_equals_the_whole_sequence_model(kind):
+  """block_size = L: the two-stream forward gives today's logits and loss (same parameters)."""
+  kernel, cfg = model_cfg(kind, block_size=L)
+  _, whole = model_cfg(kind, block_size=0)
+  params = random_params(cfg)
+  x, z = data_and_noisy(kernel, batch=4)
+  t = jnp.array([0.1, 0.4, 0.6, 0.9])
+  noise = jax.random.normal(jax.random.key(3), (4, L, cfg.noise_dim))
+  np.testing.assert_allclose(blocks.apply(params, z, t, noise, x, cfg=cfg),
+                             denoiser.apply(params, z, t, noise, cfg=whole), rtol=1e-5,
+                             atol=1e-5)
+  key = jax.random.key(7)
+  block_loss = losses.diffusion_loss(key, params, jax.tree_util.Partial(blocks.apply, cfg=cfg),
+                                     kernel, x, 16, context=True)
+  whole_loss = losses.diffusion_loss(key, params, jax.tree_util.Partial(denoiser.apply,
+                                                                        cfg=whole), kernel, x, 16)
+  np.testing.assert_allclose(block_loss, whole_loss, rtol=1e-5)
+  assert np.sum(np.asarray(whole_loss)) > 1.0
+
+
+def test_block_size_equal_to_the_length_is_the_whole_sequence_model():
+  config = config_lib.base_config()
+  config.model.block_size = 128
+  kernel = kernels.Kernel("masked", 5)
+  assert config_lib.denoiser_config(config, kernel, 128).block_size == 0
+  assert config_lib.denoiser_config(config, kernel, 256).block_size == 128
+  with pytest.raises(ValueError, match="must divide the sequence length"):
+    denoiser.validate_config(config_lib.denoiser_config(config, kernel, 200))
+
+
+# ------------------------------------------------------------------------------------------------
+# The block ELBO against brute force: exact expectations over every z_t (V = 2, L = 4, blocks
+# of 2) of the one-forward loss, against per-block quantities from the cached single-block path.
+
+V2, L2 = 2, 4
+
+
+def all_sequences(num_ids, length):
+  return np.array(list(itertools.product(range(num_ids), repeat=length)), np.int32)
+
+
+def test_masked_block_elbo_is_the_sum_of_per_block_any_order_nlls():
+  """Time-independent masked block model: the exact negative ELBO of the one-forward loss
+  (Gauss–Legendre over t, every mask pattern) is Σ_b of the block's order-averaged NLL given the
+  clean earlier blocks (linear schedule, 2-token blocks: ½ Σ over the two orders)."""
+  kernel, cfg = model_cfg("masked", seq_len=L2, vocab=V2, time_conditioning=False)
+  params = random_params(cfg, seed=4, scale=0.5)
+  patterns = all_sequences(2, L2).astype(bool)  # True = masked
+  nodes, weights = np.polynomial.legendre.leggauss(6)
+  ts, ws = 0.5 * (nodes + 1.0), 0.5 * weights
+  for x in all_sequences(V2, L2)[::3]:
+    xb = np.tile(x, (len(patterns), 1))
+    z = jnp.asarray(np.where(patterns, kernel.mask_id, xb), jnp.int32)
+    exact = 0.0
+    for t, w in zip(ts, ws, strict=True):
+      tb = jnp.full((len(patterns),), t, jnp.float32)
+      log_x = jax.nn.log_softmax(blocks.apply(params, z, tb, None, jnp.asarray(xb), cfg=cfg))
+      terms = np.asarray(losses.masked_elbo(kernel, log_x, jnp.asarray(xb), z, tb), np.float64)
+      prob = np.prod(np.where(patterns, t, 1.0 - t), axis=1)
+      exact += w * np.sum(prob * terms)
+
+    kv = blocks.context_kv(params, jnp.asarray(x[None]), cfg=cfg)
+    m = kernel.mask_id
+    reference = 0.0
+    for b in range(L2 // BS):
+      a, c = x[BS * b:BS * b + 2]
+
+      def nll(block, position, token, b=b):
+        logits = blocks.cached_block_logits(params, jnp.asarray([block], jnp.int32),
+                                            jnp.zeros(1), None, kv, b, cfg=cfg)
+        return -float(jax.nn.log_softmax(logits)[0, position, token])
+
+      reference += 0.5 * (nll([m, m], 0, a) + nll([a, m], 1, c))
+      reference += 0.5 * (nll([m, m], 1, c) + nll([m, c], 0, a))
+    np.testing.assert_allclose(exact, reference, rtol=1e-5, err_msg=str(x))
+
+
+def test_uniform_block_elbo_is_the_sum_of_per_block_elbos():
+  """Uniform T-step ELBO: Σ_i Σ_{z ∈ V^L} q(z | x) KL_i of the one-forward loss equals
+  Σ_b Σ_i Σ_{z_b ∈ V^B} q(z_b | x_b) KL_i(block b), the block's own ELBO given x_<b."""
+  kernel, cfg = model_cfg("uniform", seq_len=L2, vocab=V2)
+  params = random_params(cfg, seed=5, scale=0.5)
+  steps = 3
+  states = all_sequences(V2, L2)
+  block_states = all_sequences(V2, BS)
+
+  def q(z, x, t):
+    a = 1.0 - t
+    return np.prod(np.where(z == x, a + (1 - a) / V2, (1 - a) / V2), axis=-1)
+
+  x = np.array([1, 0, 0, 1], np.int32)
+  kv = blocks.context_kv(params, jnp.asarray(x[None]), cfg=cfg)
+  exact = reference = 0.0
+  for i in range(1, steps + 1):
+    t, s = i / steps, (i - 1) / steps
+    n = len(states)
+    xb = jnp.asarray(np.tile(x, (n, 1)))
+    log_x = jax.nn.log_softmax(blocks.apply(params, jnp.asarray(states), jnp.full((n,), t), None,
+                                            xb, cfg=cfg))
+    kl = losses.posterior_kl(kernel, log_x, xb, jnp.asarray(states), jnp.full((n,), s),
+                             jnp.full((n,), t))
+    exact += float(np.sum(q(states, x, t) * np.asarray(kl, np.float64)))
+    for b in range(L2 // BS):
+      m = len(block_states)
+      xs = jnp.asarray(np.tile(x[BS * b:BS * b + BS], (m, 1)))
+      kv_b = jax.tree.map(lambda a: jnp.repeat(a, m, axis=0), kv)
+      log_xb = jax.nn.log_softmax(blocks.cached_block_logits(
+          params, jnp.asarray(block_states), jnp.full((m,), t), None, kv_b, b, cfg=cfg))
+      kl_b = losses.posterior_kl(kernel, log_xb, xs, jnp.asarray(block_states),
+                                 jnp.full((m,), s), jnp.full((m,), t))
+      reference += float(np.sum(q(block_states, x[BS * b:BS * b + BS], t)
+                                * np.asarray(kl_b, np.float64)))
+  assert exact > 0.1
+  np.testing.assert_allclose(exact, reference, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block sampling.
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_cached_sampler_equals_uncached(kind):
+  """Same key: the cached sampler draws the same tokens as the full two-stream forward per step,
+  within the trained length and beyond it (sliding context), with student noise."""
+  kernel, cfg = model_cfg(kind)
+  params = random_params(cfg)
+  scfg = sampling.SamplerConfig(steps=3, float64=False)
+  noise = lambda key, batch: jax.random.normal(key, (batch, L, cfg.noise_dim))
+  for length in (L, 2 * L + BS):
+    cached = blocks.sample(jax.random.key(1), params, kernel, scfg, cfg, 16, length, noise, True)
+    uncached = blocks.sample(jax.random.key(1), params, kernel, scfg, cfg, 16, length, noise,
+                             False)
+    assert cached.shape == (16, length)
+    np.testing.assert_array_equal(cached, uncached)
+    assert len(np.unique(np.asarray(cached))) > 1
+
+
+def test_cached_block_logits_equal_the_two_stream_logits():
+  kernel, cfg = model_cfg("masked")
+  params = random_params(cfg)
+  x, z = data_and_noisy(kernel)
+  t = jnp.array([0.3, 0.8])
+  full = blocks.apply(params, z, t, None, x, cfg=cfg)
+  kv = blocks.context_kv(params, x, cfg=cfg)
+  for b in range(L // BS):
+    got = blocks.cached_block_logits(params, z[:, BS * b:BS * (b + 1)], t, None, kv, b, cfg=cfg)
+    np.testing.assert_allclose(got, full[:, BS * b:BS * (b + 1)], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window():
+  """Within L the window starts at 0; beyond, it holds the last L − B tokens."""
+  assert [tuple(map(int, blocks.window(n, 8, 2))) for n in (0, 2, 6, 8, 10)] == [
+      (0, 0), (0, 1), (0, 3), (2, 3), (4, 3)]
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_block_prompts_are_kept(kind):
+  kernel, cfg = model_cfg(kind)
+  params = random_params(cfg)
+  length = 3 * L
+  rng = np.random.default_rng(0)
+  fixed = rng.random((8, length)) < 0.4
+  tokens = rng.integers(0, V, (8, length))
+  out = np.asarray(blocks.sample(jax.random.key(2), params, kernel,
+                                 sampling.SamplerConfig(steps=4), cfg, 8, length, None, True,
+                                 fixed, tokens))
+  np.testing.assert_array_equal(out[fixed], tokens[fixed])
+  assert out.min() >= 0 and out.max() < V
