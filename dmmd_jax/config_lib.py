@@ -65,10 +65,10 @@ def finish(config: ml_collections.ConfigDict, preset: str) -> ml_collections.Con
   return config
 
 
-def check_preset(preset: str) -> str:
+def check_preset(preset: str, presets=PRESETS) -> str:
   preset = preset or "small"
-  if preset not in PRESETS:
-    raise ConfigError(f"Unknown preset {preset!r}; choose one of {PRESETS}.")
+  if preset not in presets:
+    raise ConfigError(f"Unknown preset {preset!r}; choose one of {tuple(presets)}.")
   return preset
 
 
@@ -166,6 +166,9 @@ def validate(config) -> None:
     raise ConfigError(f"model.noise_kind must be one of {denoiser.NOISE_KINDS}.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError("model.dtype must be 'float32' or 'bfloat16'.")
+  block, length = config.model.block_size, config.data.seq_len
+  if block and length and length % block:
+    raise ConfigError(f"model.block_size ({block}) must divide data.seq_len ({length}).")
   if config.model.width % config.model.num_heads:
     raise ConfigError(f"model.width ({config.model.width}) must be a multiple of "
                       f"model.num_heads ({config.model.num_heads}).")

@@ -14,6 +14,8 @@ Prompts (every model, both kernels): the prompt's tokens are kept fixed and the 
     python experiments/sample.py --workdir=runs/shk_teacher --prompt_tokens=prefixes.npy
 
 --prompt_tokens takes int tokens [n] (one prompt for all samples) or [N, n] (one per sample).
+Block models (model.block_size > 0) take --length (any multiple of the block size; beyond the
+trained length the context slides) and --steps per block.
 """
 
 import os
@@ -34,6 +36,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Sequences per sampler call.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text the samples start with (kept fixed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "A text file holding the prompt.")
 _PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", "", "A .npy of prompt tokens [n] or [N, n].")
+_LENGTH = flags.DEFINE_integer(
+    "length", None, "Tokens per sample (block models only; default: the trained length).")
 _FILL_MARKER = flags.DEFINE_string(
     "fill_marker", "", "In a text prompt, this string marks one position to fill (infilling).")
 flags.mark_flags_as_required(["workdir"])
@@ -46,7 +50,8 @@ def sample_to_files():
   prompt = prompts.from_flags(model.setup.info, _PROMPT.value, _PROMPT_FILE.value,
                               _PROMPT_TOKENS.value, _FILL_MARKER.value)
   tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
-                        prompt=prompt, top_p=_TOP_P.value, temperature=_TEMPERATURE.value)
+                        prompt=prompt, length=_LENGTH.value, top_p=_TOP_P.value,
+                        temperature=_TEMPERATURE.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.save(_OUTPUT.value, tokens.astype(np.int32))
   return train.dump_samples(model.setup, tokens, os.path.splitext(_OUTPUT.value)[0])

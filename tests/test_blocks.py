@@ -5,6 +5,7 @@ The networks are tiny real denoisers with random (not zero-initialised) paramete
 output depends on every input it may see; "must not see" is then checked exactly (==).
 """
 
+import functools
 import itertools
 
 import flax
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax import blocks, config_lib, denoiser, kernels, losses, sampling
 
@@ -96,16 +98,16 @@ def test_one_block_equals_the_whole_sequence_model(kind):
   _, whole = model_cfg(kind, block_size=0)
   params = random_params(cfg)
   x, z = data_and_noisy(kernel, batch=4)
-  t = jnp.array([0.1, 0.4, 0.6, 0.9])
-  noise = jax.random.normal(jax.random.key(3), (4, L, cfg.noise_dim))
-  np.testing.assert_allclose(blocks.apply(params, z, t, noise, x, cfg=cfg),
-                             denoiser.apply(params, z, t, noise, cfg=whole), rtol=1e-5,
-                             atol=1e-5)
+  t = np.array([0.1, 0.4, 0.6, 0.9], np.float32)
+  noise = np.random.default_rng(3).normal(size=(4, L, cfg.noise_dim)).astype(np.float32)
+  np.testing.assert_allclose(
+      jax.jit(functools.partial(blocks.apply, cfg=cfg))(params, z, t, noise, x),
+      jax.jit(functools.partial(denoiser.apply, cfg=whole))(params, z, t, noise), rtol=1e-5,
+      atol=1e-5)
   key = jax.random.key(7)
-  block_loss = losses.diffusion_loss(key, params, jax.tree_util.Partial(blocks.apply, cfg=cfg),
-                                     kernel, x, 16, context=True)
-  whole_loss = losses.diffusion_loss(key, params, jax.tree_util.Partial(denoiser.apply,
-                                                                        cfg=whole), kernel, x, 16)
+  loss = jax.jit(losses.diffusion_loss, static_argnums=(2, 3, 5, 6))
+  block_loss = loss(key, params, functools.partial(blocks.apply, cfg=cfg), kernel, x, 16, True)
+  whole_loss = loss(key, params, functools.partial(denoiser.apply, cfg=whole), kernel, x, 16)
   np.testing.assert_allclose(block_loss, whole_loss, rtol=1e-5)
   assert np.sum(np.asarray(whole_loss)) > 1.0
 
@@ -137,6 +139,8 @@ def test_masked_block_elbo_is_the_sum_of_per_block_any_order_nlls():
   clean earlier blocks (linear schedule, 2-token blocks: ½ Σ over the two orders)."""
   kernel, cfg = model_cfg("masked", seq_len=L2, vocab=V2, time_conditioning=False)
   params = random_params(cfg, seed=4, scale=0.5)
+  two_stream = jax.jit(functools.partial(blocks.apply, cfg=cfg))
+  single = jax.jit(functools.partial(blocks.cached_block_logits, cfg=cfg))
   patterns = all_sequences(2, L2).astype(bool)  # True = masked
   nodes, weights = np.polynomial.legendre.leggauss(6)
   ts, ws = 0.5 * (nodes + 1.0), 0.5 * weights
@@ -146,7 +150,7 @@ def test_masked_block_elbo_is_the_sum_of_per_block_any_order_nlls():
     exact = 0.0
     for t, w in zip(ts, ws, strict=True):
       tb = jnp.full((len(patterns),), t, jnp.float32)
-      log_x = jax.nn.log_softmax(blocks.apply(params, z, tb, None, jnp.asarray(xb), cfg=cfg))
+      log_x = jax.nn.log_softmax(two_stream(params, z, tb, None, jnp.asarray(xb)))
       terms = np.asarray(losses.masked_elbo(kernel, log_x, jnp.asarray(xb), z, tb), np.float64)
       prob = np.prod(np.where(patterns, t, 1.0 - t), axis=1)
       exact += w * np.sum(prob * terms)
@@ -157,9 +161,8 @@ def test_masked_block_elbo_is_the_sum_of_per_block_any_order_nlls():
     for b in range(L2 // BS):
       a, c = x[BS * b:BS * b + 2]
 
-      def nll(block, position, token, b=b):
-        logits = blocks.cached_block_logits(params, jnp.asarray([block], jnp.int32),
-                                            jnp.zeros(1), None, kv, b, cfg=cfg)
+      def nll(block, position, token, b=b, kv=kv):
+        logits = single(params, jnp.asarray([block], jnp.int32), jnp.zeros(1), None, kv, b)
         return -float(jax.nn.log_softmax(logits)[0, position, token])
 
       reference += 0.5 * (nll([m, m], 0, a) + nll([a, m], 1, c))
@@ -180,6 +183,8 @@ def test_uniform_block_elbo_is_the_sum_of_per_block_elbos():
     a = 1.0 - t
     return np.prod(np.where(z == x, a + (1 - a) / V2, (1 - a) / V2), axis=-1)
 
+  two_stream = jax.jit(functools.partial(blocks.apply, cfg=cfg))
+  single = jax.jit(functools.partial(blocks.cached_block_logits, cfg=cfg))
   x = np.array([1, 0, 0, 1], np.int32)
   kv = blocks.context_kv(params, jnp.asarray(x[None]), cfg=cfg)
   exact = reference = 0.0
@@ -187,17 +192,17 @@ def test_uniform_block_elbo_is_the_sum_of_per_block_elbos():
     t, s = i / steps, (i - 1) / steps
     n = len(states)
     xb = jnp.asarray(np.tile(x, (n, 1)))
-    log_x = jax.nn.log_softmax(blocks.apply(params, jnp.asarray(states), jnp.full((n,), t), None,
-                                            xb, cfg=cfg))
+    log_x = jax.nn.log_softmax(two_stream(params, jnp.asarray(states), jnp.full((n,), t), None,
+                                          xb))
     kl = losses.posterior_kl(kernel, log_x, xb, jnp.asarray(states), jnp.full((n,), s),
                              jnp.full((n,), t))
     exact += float(np.sum(q(states, x, t) * np.asarray(kl, np.float64)))
     for b in range(L2 // BS):
       m = len(block_states)
       xs = jnp.asarray(np.tile(x[BS * b:BS * b + BS], (m, 1)))
-      kv_b = jax.tree.map(lambda a: jnp.repeat(a, m, axis=0), kv)
-      log_xb = jax.nn.log_softmax(blocks.cached_block_logits(
-          params, jnp.asarray(block_states), jnp.full((m,), t), None, kv_b, b, cfg=cfg))
+      kv_b = jax.tree.map(lambda a: np.repeat(a, len(block_states), axis=0), kv)
+      log_xb = jax.nn.log_softmax(single(params, jnp.asarray(block_states), jnp.full((m,), t),
+                                         None, kv_b, b))
       kl_b = losses.posterior_kl(kernel, log_xb, xs, jnp.asarray(block_states),
                                  jnp.full((m,), s), jnp.full((m,), t))
       reference += float(np.sum(q(block_states, x[BS * b:BS * b + BS], t)
@@ -210,7 +215,7 @@ def test_uniform_block_elbo_is_the_sum_of_per_block_elbos():
 # Block sampling.
 
 
-@pytest.mark.parametrize("kind", ["masked", "uniform"])
+@pytest.mark.parametrize("kind", ["masked", pytest.param("uniform", marks=pytest.mark.slow)])
 def test_cached_sampler_equals_uncached(kind):
   """Same key: the cached sampler draws the same tokens as the full two-stream forward per step,
   within the trained length and beyond it (sliding context), with student noise."""
@@ -232,10 +237,11 @@ def test_cached_block_logits_equal_the_two_stream_logits():
   params = random_params(cfg)
   x, z = data_and_noisy(kernel)
   t = jnp.array([0.3, 0.8])
-  full = blocks.apply(params, z, t, None, x, cfg=cfg)
-  kv = blocks.context_kv(params, x, cfg=cfg)
+  full = jax.jit(functools.partial(blocks.apply, cfg=cfg))(params, z, t, None, x)
+  kv = jax.jit(functools.partial(blocks.context_kv, cfg=cfg))(params, x)
+  single = jax.jit(functools.partial(blocks.cached_block_logits, cfg=cfg))
   for b in range(L // BS):
-    got = blocks.cached_block_logits(params, z[:, BS * b:BS * (b + 1)], t, None, kv, b, cfg=cfg)
+    got = single(params, z[:, BS * b:BS * (b + 1)], t, None, kv, b)
     np.testing.assert_allclose(got, full[:, BS * b:BS * (b + 1)], rtol=1e-5, atol=1e-5)
 
 
