@@ -5,7 +5,7 @@ denoiser sees the noisy block bidirectionally and the clean earlier blocks x_<b.
 
 Training (one forward per batch, as in BD3-LM): the noisy sequence z_t and the clean sequence x
 go side by side through the network, `[batch, 2L]`, with rotary positions 0..L−1 in both streams
-and the attention mask of `two_stream_mask`:
+and the attention pattern of `two_stream_mask` (computed block-sparsely, `block_attention.py`):
 
     noisy block b → noisy block b (bidirectional) and clean blocks < b
     clean block b → clean blocks ≤ b (block-causal; the clean stream never sees the noisy one)
@@ -66,7 +66,7 @@ def apply(params, tokens, t, noise=None, clean=None, *, cfg: denoiser.DenoiserCo
   logits = denoiser.Transformer(cfg).apply(
       {"params": params}, jnp.concatenate([tokens, clean], axis=1),
       jnp.stack([t, jnp.zeros_like(t)], axis=-1), noise,
-      jnp.concatenate([positions, positions]), two_stream_mask(length, cfg.block_size))
+      jnp.concatenate([positions, positions]), two_stream_block=cfg.block_size)
   return denoiser.copy_through(logits, tokens, cfg)
 
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmmd_jax import kernels
+from dmmd_jax import block_attention, kernels
 
 NOISE_KINDS = ("none", "projection", "pyramid")
 
@@ -103,10 +103,14 @@ class Block(nn.Module):
   cfg: DenoiserConfig
 
   @nn.compact
-  def __call__(self, x, cond, positions, mask=None, context=None):
+  def __call__(self, x, cond, positions, mask=None, context=None, two_stream_block=0,
+               noisy_only=False):
     """x `[batch, length, width]`, cond `[batch, cond]` or `[batch, S, cond]`, positions
     `[length]`, mask bool `[length, context + length]` or None (full attention), context: keys and
-    values `[batch, context, heads, head_dim]` prepended to this input's own, or None.
+    values `[batch, context, heads, head_dim]` prepended to this input's own, or None;
+    two_stream_block > 0: x is (noisy ‖ clean) of a block model, attended block-sparsely
+    (`block_attention.py`) instead of with a mask; with noisy_only (the last layer) only the noisy
+    stream's output is computed and returned.
     Returns (x, (k, v)) with this input's keys and values (rotary applied)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     mods = _dense(6 * cfg.width, ("cond", "embed"), "adaln", dt, zero=True)(cond)
@@ -122,11 +126,17 @@ class Block(nn.Module):
         use_bias=False)(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rotary(q, positions), rotary(k, positions)
-    keys, values = (k, v) if context is None else (
-        jnp.concatenate([context[0], k], axis=1), jnp.concatenate([context[1], v], axis=1))
-    attn = jax.nn.dot_product_attention(
-        q, keys, values, mask=None if mask is None else mask[None, None],
-        implementation=_attention_impl(cfg))
+    if two_stream_block:
+      attn = block_attention.two_stream_attention(q, k, v, two_stream_block, noisy_only)
+      if noisy_only:
+        x = x[:, :attn.shape[1]]
+        gate1, shift2, scale2, gate2 = (m[:, 0] for m in (gate1, shift2, scale2, gate2))
+    else:
+      keys, values = (k, v) if context is None else (
+          jnp.concatenate([context[0], k], axis=1), jnp.concatenate([context[1], v], axis=1))
+      attn = jax.nn.dot_product_attention(
+          q, keys, values, mask=None if mask is None else mask[None, None],
+          implementation=_attention_impl(cfg))
     attn = nn.DenseGeneral(
         cfg.width, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, name="attn_out",
         kernel_init=nn.with_logical_partitioning(
@@ -151,15 +161,15 @@ class Transformer(nn.Module):
 
   Block-model inputs (`blocks.py`): t `[batch, S]` gives each of S equal segments of the tokens
   its own time (logits then cover the first segment only); noise may cover a prefix of the
-  tokens; positions `[length]`, mask and per-layer context keys/values as in `Block`;
-  `kv_only` returns the per-layer (k, v) instead of logits.
+  tokens; positions `[length]`, mask, per-layer context keys/values and two_stream_block as in
+  `Block`; `kv_only` returns the per-layer (k, v) instead of logits.
   """
 
   cfg: DenoiserConfig
 
   @nn.compact
   def __call__(self, tokens, t, noise=None, positions=None, mask=None, context=None,
-               kv_only=False):
+               kv_only=False, two_stream_block=0):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     emb = nn.Embed(
         cfg.input_vocab_size, cfg.width, param_dtype=jnp.float32, name="embed",
@@ -184,12 +194,14 @@ class Transformer(nn.Module):
     kvs = []
     for i in range(cfg.num_layers):
       x, kv = Block(cfg, name=f"block_{i}")(x, cond, positions, mask,
-                                            None if context is None else context[i])
+                                            None if context is None else context[i],
+                                            two_stream_block,
+                                            i == cfg.num_layers - 1 and not kv_only)
       kvs.append(kv)
     if kv_only:
       return kvs
     if cond.ndim == 3:  # segments: logits of the first one only
-      x, cond = x[:, :x.shape[1] // cond.shape[1]], cond[:, 0]
+      x, cond = x[:, :tokens.shape[1] // cond.shape[1]], cond[:, 0]
 
     shift, scale = jnp.split(_dense(2 * cfg.width, ("cond", "embed"), "final_adaln", dt,
                                     zero=True)(cond), 2, axis=-1)
