@@ -7,7 +7,9 @@ output depends on every input it may see; "must not see" is then checked exactly
 
 import functools
 import itertools
+import json
 
+import _helpers
 import flax
 import jax
 import jax.numpy as jnp
@@ -264,3 +266,56 @@ def test_block_prompts_are_kept(kind):
                                  fixed, tokens))
   np.testing.assert_array_equal(out[fixed], tokens[fixed])
   assert out.min() >= 0 and out.max() < V
+
+
+def test_bfloat16_two_stream_forward_is_close_to_float32():
+  kernel, cfg = model_cfg("uniform")
+  _, cfg16 = model_cfg("uniform", dtype="bfloat16")
+  params = random_params(cfg)
+  x, z = data_and_noisy(kernel)
+  t = np.array([0.3, 0.8], np.float32)
+  f32 = jax.jit(functools.partial(blocks.apply, cfg=cfg))(params, z, t, None, x)
+  bf16 = jax.jit(functools.partial(blocks.apply, cfg=cfg16))(params, z, t, None, x)
+  assert bf16.dtype == jnp.float32
+  assert np.max(np.abs(bf16 - f32)) < 0.05 * np.max(np.abs(f32))  # bf16 rounding, not a bug
+
+
+_SHARDED_WORKER = r"""
+import dataclasses, json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import _helpers
+from dmmd_jax import sharding, train
+config = _helpers.make_config("shakespeare_char", "block_tiny", **{
+    "train.warmup_steps": 0, "model.num_layers": 1, "model.width": 32})
+base = train.build_setup(config, 8)
+rows = np.asarray(base.train_tokens[:8])
+out = []
+for shape in ((1, 1, 1), (2, 4, 1)):
+  mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)),
+                            devices=jax.devices()[:shape[0] * shape[1]])
+  setup = dataclasses.replace(base, mesh=mesh)
+  with sharding.rules_context(mesh):
+    optimizer = train.teacher_optimizer(config)
+    state, shardings = train.init_teacher_state(setup, optimizer)
+    step = train.compile_teacher_step(setup, optimizer, shardings)
+    state, metrics = step(state, sharding.global_batch(rows, mesh))
+    out.append((jax.device_get(state.params), float(metrics["loss_bpt"])))
+diff = max(float(np.max(np.abs(a - b))) for a, b in
+           zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True))
+print(json.dumps({"param_diff": diff, "losses": [out[0][1], out[1][1]]}))
+"""
+
+
+@pytest.mark.slow
+def test_block_teacher_step_sharded_matches_one_device(tmp_path):
+  """The block teacher step on a (data 2, fsdp 4) mesh of 8 CPU devices equals one device."""
+  script = tmp_path / "worker.py"
+  script.write_text(_SHARDED_WORKER)
+  env = _helpers.cache_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                            "JAX_PLATFORMS": "cpu"})
+  proc = _helpers.run_python([script, _helpers.REPO / "tests"], env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["param_diff"] < 1e-5, report
+  np.testing.assert_allclose(*report["losses"], rtol=1e-5)

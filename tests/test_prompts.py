@@ -226,6 +226,7 @@ def test_sample_binary_keeps_prompt_and_template(char_teacher, tmp_path):
 @pytest.mark.parametrize("flag, expected", [
     ("--prompt=" + "a" * 40, "has 40 tokens but the model generates only 32"),
     ("--prompt=ROMEO€", "vocabulary"),
+    ("--length=64", "generates exactly 32 tokens"),
 ])
 def test_sample_binary_bad_prompt_is_one_error_line(char_teacher, tmp_path, flag, expected):
   output = tmp_path / "s.npy"
