@@ -8,9 +8,9 @@ dense `[2L, 2L]` mask would compute 4L² scores, half of them masked. Here:
                    ‖ noisy keys of their own block       `[L, B]` (blocks reshaped side by side)
 
 so 2L² + L·B scores (in the last layer only the noisy queries: the clean stream's output is
-never read, only its keys and values). One softmax per noisy query runs over both key sets together. Masked scores
-get a large negative value and so exactly zero weight: an output never depends on a key it must
-not see, bit for bit.
+never read, only its keys and values). One softmax per noisy query runs over both key sets
+together. Masked scores get a large negative value and so exactly zero weight: an output never
+depends on a key it must not see, bit for bit.
 """
 
 import jax
