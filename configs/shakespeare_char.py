@@ -7,6 +7,13 @@ r"""Shakespeare's complete works, character level (84 symbols), masked diffusion
         --config.distill.student_steps=8
 
 Presets: tiny (seconds, tests), small (2 CPU cores, minutes), base (GPU/TPU, ≈170M, 1024 chars).
+Block-autoregressive (blocks.py): block_tiny (tests), block (256 characters in blocks of 32,
+2 CPU cores); sample.steps and distill.student_steps are then per block:
+
+    python experiments/train_teacher.py --config=configs/shakespeare_char.py:block \
+        --workdir=runs/shk_block_teacher
+    python experiments/sample.py --workdir=runs/shk_block_teacher --prompt="ROMEO:" \
+        --length=512 --steps=32
 Uniform diffusion: --config.kernel.kind=uniform (students get no noise input, as in the paper,
 unless --config.distill.uniform_noise=True).
 """
@@ -32,11 +39,20 @@ SIZES = {
              "distill.batch_size": 256, "distill.num_steps": 20_000,
              "distill.learning_rate": 3e-5, "distill.aux_learning_rate": 3e-5,
              "distill.checkpoint_every": 2000},
+    "block_tiny": {**config_lib.TINY_LOOP, "data.seq_len": 32, "model.block_size": 8},
+    "block": {"data.seq_len": 256, "model.block_size": 32, "model.num_layers": 4,
+              "model.width": 128, "model.num_heads": 4, "model.cond_dim": 64,
+              "model.noise_dim": 16, "train.batch_size": 16, "train.num_steps": 1500,
+              "train.learning_rate": 2e-3, "train.warmup_steps": 100, "train.eval_every": 500,
+              "train.checkpoint_every": 500, "train.ema_decay": 0.99, "sample.steps": 32,
+              "distill.batch_size": 16, "distill.num_steps": 400, "distill.learning_rate": 3e-4,
+              "distill.aux_learning_rate": 3e-4, "distill.checkpoint_every": 200,
+              "distill.log_every": 25},
 }
 
 
 def get_config(preset: str = "small"):
-  preset = config_lib.check_preset(preset)
+  preset = config_lib.check_preset(preset, SIZES)
   config = config_lib.base_config()
   config.data.source = "shakespeare"
   config.data.tokenizer = "char"

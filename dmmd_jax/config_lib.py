@@ -81,6 +81,7 @@ class ModelConfig:
   pyramid_levels: int = 3
   attention_impl: str = "xla"
   remat: str = "none"  # activation checkpointing of the blocks (`models.denoiser.REMAT`)
+  block_size: int = 0  # > 0: block-autoregressive (`models/blocks.py`); 0 or L: whole-sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +422,10 @@ def validate(config) -> None:
       "distill.checkpoint_every", "distill.teacher_temperature",
       "distill.noise_lr_multiplier", "distill.diagnostic_buckets"), non_negative=(
       "train.warmup_steps", "train.eval_every", "train.sample_every", "distill.warmup_steps",
-      "distill.eval_every", "distill.noise_init_scale"))
+      "distill.eval_every", "distill.noise_init_scale", "model.block_size"))
+  block, length = config.model.block_size, config.data.seq_len
+  _check(not (block and length and length % block),
+         f"model.block_size ({block}) must divide data.seq_len ({length}).")
   _check(0.0 < config.sample.top_p <= 1.0,
          f"config.sample.top_p must be in (0, 1], got {config.sample.top_p}.")
   _check(0.0 <= config.train.ema_decay < 1.0 and 0.0 <= config.distill.ema_decay < 1.0,

@@ -5,6 +5,17 @@ r"""Sample from any teacher or student workdir; writes int32 [N, length] tokens 
         --output=teacher.npy
 
 --steps defaults to the student's k (students) or config.sample.steps (teachers).
+
+Prompts (every model, both kernels): the prompt's tokens are kept fixed and the rest is sampled.
+
+    python experiments/sample.py --workdir=runs/shk_teacher --prompt="ROMEO:" --num_samples=4
+    python experiments/sample.py --workdir=runs/shk_teacher --fill_marker=_ \
+        --prompt="To be, or ______ to be: that is the question"     # infilling
+    python experiments/sample.py --workdir=runs/shk_teacher --prompt_tokens=prefixes.npy
+
+--prompt_tokens takes int tokens [n] (one prompt for all samples) or [N, n] (one per sample).
+Block models (model.block_size > 0) take --length (any multiple of the block size; beyond the
+trained length the context slides) and --steps per block.
 """
 
 import os
@@ -14,7 +25,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from dmmd_jax import cli
-from dmmd_jax.data import render
+from dmmd_jax.data import prompts, render
 from dmmd_jax.infra import outputs
 from dmmd_jax.training import trained_model
 
@@ -27,6 +38,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass (default: the config's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Temperature (default: the config's).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Sequences per sampler call.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text the samples start with (kept fixed).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "A text file holding the prompt.")
+_PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", "", "A .npy of prompt tokens [n] or [N, n].")
+_LENGTH = flags.DEFINE_integer(
+    "length", None, "Tokens per sample (block models only; default: the trained length).")
+_FILL_MARKER = flags.DEFINE_string(
+    "fill_marker", "", "In a text prompt, this string marks one position to fill (infilling).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -39,11 +57,13 @@ def sample_to_files():
   output = outputs.npy_path(_OUTPUT.value)
   outputs.check_writable_file(output)
   model = trained_model.load(_WORKDIR.value)
-  outputs.check_sample_memory(_NUM.value, model.setup.seq_len)
+  outputs.check_sample_memory(_NUM.value, _LENGTH.value or model.setup.seq_len)
+  prompt = prompts.from_flags(model.setup.info, _PROMPT.value, _PROMPT_FILE.value,
+                              _PROMPT_TOKENS.value, _FILL_MARKER.value)
   with tqdm(total=_NUM.value, desc="sampling", unit="seq", dynamic_ncols=True) as bar:
     tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
-                          top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
-                          on_chunk=bar.update)
+                          prompt=prompt, length=_LENGTH.value, top_p=_TOP_P.value,
+                          temperature=_TEMPERATURE.value, on_chunk=bar.update)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   np.save(output, tokens.astype(np.int32))
   return output, render.dump_samples(model.setup.info, tokens, os.path.splitext(output)[0])

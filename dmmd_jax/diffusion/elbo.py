@@ -25,6 +25,7 @@ Bits per token = nats / (length · ln 2).
 import jax
 import jax.numpy as jnp
 
+from dmmd_jax.diffusion import context as context_lib
 from dmmd_jax.diffusion import forward_process, schedules
 
 
@@ -79,13 +80,18 @@ def uniform_step_times(u, num_steps: int, continuous: bool):
 
 
 def diffusion_loss(key, params, apply_fn, kernel: forward_process.ForwardProcess, x,
-                   uniform_elbo_steps: int, continuous_time: bool = False):
+                   uniform_elbo_steps: int, continuous_time: bool = False, context: bool = False):
   """Negative ELBO of a batch, nats per sequence `[batch]`.
 
   apply_fn(params, tokens, t) → logits `[batch, length, K]`; x: int `[batch, length]`.
+  context: a block model (`models/blocks.py`), called as apply_fn(params, tokens, t, None, x) so
+  that every block reads its clean context from x; the loss is then the sum of the per-block
+  ELBOs.
   continuous_time (uniform only): sample the T-step term at continuous t (`uniform_step_times`),
   for training.
   """
+  if context:
+    apply_fn = context_lib.with_context(apply_fn, x)
   time_key, noise_key = jax.random.split(key)
   u = antithetic_times(time_key, x.shape[0])
   if kernel.is_masked:

@@ -14,9 +14,11 @@ Options:
   instead of calling the network (MDLM's caching). Exact for time-independent denoisers
   (`model.time_conditioning=False`), an approximation otherwise; never used with student noise
   (fresh noise changes the input every step);
-- `noise`: the D-MMD student's Gaussian input, drawn fresh at every step.
+- `noise`: the D-MMD student's Gaussian input, drawn fresh at every step;
+- prompts and infilling (`fixed`, `fixed_tokens`): fixed positions hold their given token at
+  every step (masked: they start unmasked and are never masked; uniform: clamped after every
+  step), the other positions are sampled given them (`data/prompts.py` builds the arrays).
 """
-
 
 import dataclasses
 
@@ -72,7 +74,7 @@ def adjust_logits(logits, temperature: float = 1.0, top_p: float = 1.0, top_p_mo
                   top_p_delta: float = 2.0):
   """Temperature and top-p applied to logits `[..., K]`.
 
-  hard: excluded tokens get log 0 (`forward_process.NEG_INF`) — what a sampler wants.
+  hard: excluded tokens get log 0 (`kernels.NEG_INF`) — what a sampler wants.
   soft: excluded tokens get logits − Δ — what D-MMD distillation of a top-p teacher needs, since a
     −∞ teacher log-probability makes the student's log-ratio loss diverge (paper, "soft top-p").
   """
@@ -93,7 +95,7 @@ def categorical(key, log_probs, float64: bool):
   return jnp.argmax(log_probs.astype(dtype) + gumbel, axis=-1).astype(jnp.int32)
 
 
-def _reverse_step(key, kernel, cfg: SamplerConfig, z_t, logits, s, t):
+def reverse_step(key, kernel, cfg: SamplerConfig, z_t, logits, s, t):
   """One ancestral step: z_s ~ Σ_c x̂_c q(z_s | z_t, e_c)."""
   logits = adjust_logits(logits, cfg.temperature, cfg.top_p)
   log_x = jax.nn.log_softmax(logits, axis=-1)
@@ -101,10 +103,17 @@ def _reverse_step(key, kernel, cfg: SamplerConfig, z_t, logits, s, t):
                      cfg.float64)
 
 
-def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size, seq_len, noise_fn):
+def clamp(z, fixed, fixed_tokens):
+  """z `[batch, length]` with the fixed positions (bool, broadcastable) set to fixed_tokens."""
+  return z if fixed is None else jnp.where(fixed, fixed_tokens, z).astype(z.dtype)
+
+
+def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size, seq_len, noise_fn,
+                  fixed=None, fixed_tokens=None):
   grid = schedules.time_grid(cfg.steps, cfg.grid)
   prior_key, key = jax.random.split(key)
-  z = forward_process.sample_prior(prior_key, kernel, (batch_size, seq_len))
+  z = clamp(forward_process.sample_prior(prior_key, kernel, (batch_size, seq_len)), fixed,
+            fixed_tokens)
 
   def network(z, t, step_key):
     noise = None if noise_fn is None else noise_fn(step_key, batch_size)
@@ -121,7 +130,7 @@ def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size,
                             lambda: network(z, t, noise_key))
     else:
       logits = network(z, t, noise_key)
-    z_s = _reverse_step(draw_key, kernel, cfg, z, logits, s, t)
+    z_s = clamp(reverse_step(draw_key, kernel, cfg, z, logits, s, t), fixed, fixed_tokens)
     return (z_s, z, logits), None
 
   init_logits = jnp.zeros((batch_size, seq_len, kernel.vocab_size), jnp.float32)
@@ -135,15 +144,18 @@ _jitted_sampler = jax.jit(_scan_sampler, static_argnums=(1, 3, 4, 5, 6, 7))
 
 def sample(key, apply_fn, params, kernel: forward_process.ForwardProcess, cfg: SamplerConfig,
            batch_size: int,
-           seq_len: int, noise_fn=None):
+           seq_len: int, noise_fn=None, fixed=None, fixed_tokens=None):
   """Draw `[batch_size, seq_len]` int32 tokens with `cfg.steps` ancestral steps.
 
   apply_fn(params, tokens, t, noise) → logits `[batch, length, K]` (hashable, e.g. a
   `functools.partial` of `denoiser.apply`); noise_fn(key, batch) → noise or None, drawn fresh at
-  every step (students). Deterministic for a given key.
+  every step (students). fixed: bool `[batch, seq_len]` (or broadcastable) and fixed_tokens: int
+  `[batch, seq_len]` in [0, K) — a prompt or infilling template; the fixed tokens appear unchanged
+  in the output. Deterministic for a given key.
   """
   cfg.validate()
+  args = (key, apply_fn, params, kernel, cfg, batch_size, seq_len, noise_fn, fixed, fixed_tokens)
   if cfg.float64:
     with jax.enable_x64(True):
-      return _jitted_sampler(key, apply_fn, params, kernel, cfg, batch_size, seq_len, noise_fn)
-  return _jitted_sampler(key, apply_fn, params, kernel, cfg, batch_size, seq_len, noise_fn)
+      return _jitted_sampler(*args)
+  return _jitted_sampler(*args)

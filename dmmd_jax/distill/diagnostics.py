@@ -16,6 +16,7 @@ into metrics.jsonl as `moment_mismatch/b{b}` and `student_entropy/b{b}`.
 import jax
 import jax.numpy as jnp
 
+from dmmd_jax.diffusion import context as context_lib
 from dmmd_jax.distill import dmmd
 
 
@@ -64,6 +65,9 @@ def diagnose_student(student_params, aux_params, teacher_params, x, key, *, appl
                      score_apply_fn, kernel, cfg: dmmd.EstimatorConfig, noise_fn, num_buckets: int):
   """`moment_diagnostics` of one draw on data x `[batch, length]`, with s
   stratified over the buckets: dict of `[num_buckets]` arrays."""
+  if cfg.context:  # block models read the clean context x
+    apply_fn = context_lib.with_context(apply_fn, x)
+    score_apply_fn = context_lib.with_context(score_apply_fn, x)
   time_key, draw_key = jax.random.split(key)
   times = stratified_times(time_key, x.shape[0], num_buckets, cfg.student_steps)
   draw = dmmd.student_draw(draw_key, student_params, x, apply_fn=apply_fn, kernel=kernel, cfg=cfg,

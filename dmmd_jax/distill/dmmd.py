@@ -64,6 +64,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dmmd_jax.diffusion import context as context_lib
 from dmmd_jax.diffusion import forward_process, sampling, schedules
 
 
@@ -88,6 +89,7 @@ class EstimatorConfig:
   posterior_gap: float = 1e-3
   use_noise: bool = True
   uniform_estimator: str = "soft"
+  context: bool = False  # block model (setup.is_block, set by training.dmmd_run.compile_updates)
 
 
 
@@ -217,6 +219,9 @@ def moment_matching_estimator(student_params, aux_params, teacher_params, x, key
   student's learning signal, so it may run at a higher precision than the student.
   """
   score_apply_fn = score_apply_fn or apply_fn
+  if cfg.context:  # block models: all three networks read the same clean context, the data x
+    apply_fn = context_lib.with_context(apply_fn, x)
+    score_apply_fn = context_lib.with_context(score_apply_fn, x)
 
   def one_set(set_key):
     draw = student_draw(set_key, student_params, x, apply_fn=apply_fn, kernel=kernel, cfg=cfg,

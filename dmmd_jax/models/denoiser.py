@@ -12,8 +12,10 @@ student and auxiliary are three pytrees over one `apply`. Parameters carry logic
 
 Masked parametrisation (MDLM/MD4) lives in `apply`: the output covers the K data tokens only (MASK
 is never predicted) and positions whose input is not MASK copy their token through.
-"""
 
+Block-autoregressive models (`block_size` > 0) use the same network with an attention mask, custom
+positions, per-segment times and cached context keys/values; `models/blocks.py` builds those inputs.
+"""
 
 import dataclasses
 import functools
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import forward_process
+from dmmd_jax.models import block_attention
 
 # Activation checkpointing of the Transformer blocks: "block" keeps only each block's input and
 # recomputes the rest in the backward pass; the others name a `jax.checkpoint_policies` policy
@@ -54,6 +57,7 @@ class DenoiserConfig:
   pyramid_levels: int = 3
   attention_impl: str = "xla"  # or "cudnn" on NVIDIA GPUs
   remat: str = "none"  # activation checkpointing of the blocks: a key of REMAT
+  block_size: int = 0  # > 0: block-autoregressive (blocks.py); 0: whole-sequence
 
   @property
   def compute_dtype(self):
@@ -87,8 +91,17 @@ def _dense(features, axes, name, dtype, zero=False):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
+def _per_position(v, length: int):
+  """Per-sequence `[batch, d]` or per-segment `[batch, S, d]` values → `[batch, 1 or length, d]`
+  (S equal segments of the length, e.g. the noisy and clean streams of a block model)."""
+  if v.ndim == 2:
+    return v[:, None, :]
+  return jnp.repeat(v, length // v.shape[1], axis=1)
+
+
 def _modulate(x, shift, scale):
-  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+  length = x.shape[1]
+  return x * (1.0 + _per_position(scale, length)) + _per_position(shift, length)
 
 
 class Block(nn.Module):
@@ -97,7 +110,15 @@ class Block(nn.Module):
   cfg: DenoiserConfig
 
   @nn.compact
-  def __call__(self, x, cond, positions):
+  def __call__(self, x, cond, positions, mask=None, context=None, two_stream_block=0,
+               noisy_only=False):
+    """x `[batch, length, width]`, cond `[batch, cond]` or `[batch, S, cond]`, positions
+    `[length]`, mask bool `[length, context + length]` or None (full attention), context: keys and
+    values `[batch, context, heads, head_dim]` prepended to this input's own, or None;
+    two_stream_block > 0: x is (noisy ‖ clean) of a block model, attended block-sparsely
+    (`block_attention.py`) instead of with a mask; with noisy_only (the last layer) only the noisy
+    stream's output is computed and returned.
+    Returns (x, (k, v)) with this input's keys and values (rotary applied)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     mods = _dense(6 * cfg.width, ("cond", "embed"), "adaln", dt, zero=True)(cond)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
@@ -112,19 +133,29 @@ class Block(nn.Module):
         use_bias=False)(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rotary(q, positions), rotary(k, positions)
-    attn = jax.nn.dot_product_attention(q, k, v, implementation=_attention_impl(cfg))
+    if two_stream_block:
+      attn = block_attention.two_stream_attention(q, k, v, two_stream_block, noisy_only)
+      if noisy_only:
+        x = x[:, :attn.shape[1]]
+        gate1, shift2, scale2, gate2 = (m[:, 0] for m in (gate1, shift2, scale2, gate2))
+    else:
+      keys, values = (k, v) if context is None else (
+          jnp.concatenate([context[0], k], axis=1), jnp.concatenate([context[1], v], axis=1))
+      attn = jax.nn.dot_product_attention(
+          q, keys, values, mask=None if mask is None else mask[None, None],
+          implementation=_attention_impl(cfg))
     attn = nn.DenseGeneral(
         cfg.width, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, name="attn_out",
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
         use_bias=False)(attn)
-    x = x + gate1[:, None, :] * attn
+    x = x + _per_position(gate1, x.shape[1]) * attn
 
     h = _modulate(norm(name="norm2")(x), shift2, scale2)
     h = _dense(cfg.mlp_ratio * cfg.width, ("embed", "mlp"), "mlp_in", dt)(h)
     h = _dense(cfg.width, ("mlp", "embed"), "mlp_out", dt)(nn.gelu(h))
-    x = x + gate2[:, None, :] * h
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = x + _per_position(gate2, x.shape[1]) * h
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), (k, v)
 
 
 def _attention_impl(cfg):
@@ -133,12 +164,19 @@ def _attention_impl(cfg):
 
 class Transformer(nn.Module):
   """tokens `[batch, length]` int, t `[batch]`, noise `[batch, length, noise_dim]` or None →
-  raw logits `[batch, length, vocab]` (float32)."""
+  raw logits `[batch, length, vocab]` (float32).
+
+  Block-model inputs (`blocks.py`): t `[batch, S]` gives each of S equal segments of the tokens
+  its own time (logits then cover the first segment only); noise may cover a prefix of the
+  tokens; positions `[length]`, mask, per-layer context keys/values and two_stream_block as in
+  `Block`; `kv_only` returns the per-layer (k, v) instead of logits.
+  """
 
   cfg: DenoiserConfig
 
   @nn.compact
-  def __call__(self, tokens, t, noise=None):
+  def __call__(self, tokens, t, noise=None, positions=None, mask=None, context=None,
+               kv_only=False, two_stream_block=0):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     emb = nn.Embed(
         cfg.input_vocab_size, cfg.width, param_dtype=jnp.float32, name="embed",
@@ -149,19 +187,29 @@ class Transformer(nn.Module):
       # init_params always passes noise, so teacher and student share one parameter tree; a
       # teacher (noise=None) never touches these weights, which stay at their zero init.
       proj = _dense(cfg.width, ("noise", "embed"), "noise_proj", dt, zero=True)
-      x = x + proj(noise.astype(dt))
+      n = noise.shape[1]
+      x = jnp.concatenate([x[:, :n] + proj(noise.astype(dt)), x[:, n:]], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
     if not cfg.time_conditioning:
       t = jnp.zeros_like(t)
-    cond = timestep_embedding(t, cfg.width)
+    cond = timestep_embedding(t.reshape(-1), cfg.width).reshape(*t.shape, cfg.width)
     cond = _dense(cfg.width, ("cond", "embed"), "time_in", dt)(cond)
     cond = nn.silu(_dense(cfg.cond_dim, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
 
-    positions = jnp.arange(tokens.shape[1])
+    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
+    kvs = []
     block = _block_class(cfg.remat)
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, cond, positions)
+      x, kv = block(cfg, name=f"block_{i}")(x, cond, positions, mask,
+                                            None if context is None else context[i],
+                                            two_stream_block,
+                                            i == cfg.num_layers - 1 and not kv_only)
+      kvs.append(kv)
+    if kv_only:
+      return kvs
+    if cond.ndim == 3:  # segments: logits of the first one only
+      x, cond = x[:, :tokens.shape[1] // cond.shape[1]], cond[:, 0]
 
     shift, scale = jnp.split(_dense(2 * cfg.width, ("cond", "embed"), "final_adaln", dt,
                                     zero=True)(cond), 2, axis=-1)
@@ -175,7 +223,8 @@ def _block_class(remat: str):
   """Block, or Block under `nn.remat` with the policy REMAT[remat] (same parameters)."""
   if remat == "none":
     return Block
-  return nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT[remat]))
+  return nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT[remat]),
+                  static_argnums=(5, 6))
 
 
 def init_params(key, cfg: DenoiserConfig):
@@ -191,11 +240,16 @@ def apply(params, tokens, t, noise=None, *, cfg: DenoiserConfig):
   tokens: int `[batch, length]` in [0, input_vocab_size); t: `[batch]`; noise:
   `[batch, length, noise_dim]` or None.
   """
-  logits = Transformer(cfg).apply({"params": params}, tokens, t, noise)
-  if cfg.mask_id >= 0:
-    copied = forward_process.log_one_hot(jnp.minimum(tokens, cfg.vocab_size - 1), cfg.vocab_size)
-    logits = jnp.where((tokens == cfg.mask_id)[..., None], logits, copied)
-  return logits
+  return copy_through(Transformer(cfg).apply({"params": params}, tokens, t, noise), tokens, cfg)
+
+
+def copy_through(logits, tokens, cfg: DenoiserConfig):
+  """The masked parametrisation: positions of `tokens` `[batch, n]` that are not MASK get their
+  own token's log one-hot instead of `logits` `[batch, n, K]` (identity for uniform models)."""
+  if cfg.mask_id < 0:
+    return logits
+  copied = forward_process.log_one_hot(jnp.minimum(tokens, cfg.vocab_size - 1), cfg.vocab_size)
+  return jnp.where((tokens == cfg.mask_id)[..., None], logits, copied)
 
 
 def sample_noise(key, cfg: DenoiserConfig, batch_size: int):
@@ -250,6 +304,8 @@ def validate_config(cfg: DenoiserConfig) -> None:
       (cfg.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
       (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl must be 'xla' or 'cudnn'"),
       (cfg.remat in REMAT, f"model.remat must be one of {tuple(REMAT)}, got {cfg.remat!r}"),
+      (cfg.block_size >= 0 and (cfg.block_size == 0 or cfg.seq_len % cfg.block_size == 0),
+       f"model.block_size ({cfg.block_size}) must divide the sequence length ({cfg.seq_len})"),
   ]
   for ok, message in checks:
     if not ok:

@@ -18,12 +18,11 @@ import numpy as np
 import optax
 
 from dmmd_jax import config_lib
-from dmmd_jax.diffusion import sampling
 from dmmd_jax.distill import diagnostics, dmmd
 from dmmd_jax.evaluation import metrics as metrics_lib
 from dmmd_jax.infra import checkpoints, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
-from dmmd_jax.models import denoiser
+from dmmd_jax.models import blocks, denoiser
 from dmmd_jax.training import loop
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import state as state_lib
@@ -200,6 +199,7 @@ def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shar
                     teacher_shardings):
   """The two jitted updates (student, auxiliary), sharded over the batch."""
   c = setup.config
+  cfg = dataclasses.replace(cfg, context=setup.is_block)
   estimator = functools.partial(dmmd.moment_matching_estimator, apply_fn=setup.apply_fn,
                                 kernel=setup.kernel, cfg=cfg,
                                 noise_fn=student_noise_fn(setup, cfg),
@@ -222,8 +222,9 @@ def sample_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int, k
                    **sampler_overrides):
   """`[num_samples, length]` tokens from a student: k steps, fresh noise each step."""
   sampler_cfg = setup_lib.sampler_config_of(setup.config, cfg.student_steps, **sampler_overrides)
-  return sampling.sample(key, setup.apply_fn, params, setup.kernel, sampler_cfg, num_samples,
-                         setup.seq_len, noise_fn=student_noise_fn(setup, cfg))
+  return blocks.sample_model(key, setup.apply_fn, params, setup.kernel, sampler_cfg,
+                            setup.model_cfg, num_samples, setup.seq_len,
+                            student_noise_fn(setup, cfg))
 
 
 @workdir_guard.releases_locks
@@ -235,7 +236,7 @@ def distill_student(config, workdir: str) -> dict:
   config = config_lib.typed(config)
   d = config.distill
   setup = setup_lib.build_setup(config, d.batch_size)
-  cfg = setup_lib.estimator_config_of(config)
+  cfg = dataclasses.replace(setup_lib.estimator_config_of(config), context=setup.is_block)
   teacher = load_teacher(setup, d.teacher_workdir)
   workdir_guard.claim(workdir, "student", config, {"kind": "student", "data_info": setup.info,
                                                     "student_steps": d.student_steps,

@@ -18,7 +18,7 @@ from dmmd_jax.diffusion import forward_process, sampling
 from dmmd_jax.distill import dmmd
 from dmmd_jax.infra import sharding
 from dmmd_jax.infra import workdir as workdir_lib
-from dmmd_jax.models import denoiser
+from dmmd_jax.models import blocks, denoiser
 
 
 @dataclasses.dataclass
@@ -36,7 +36,12 @@ class Setup:
   @functools.cached_property
   def apply_fn(self):
     """One partial per setup: jit caches by identity, a new partial per call would recompile."""
-    return functools.partial(denoiser.apply, cfg=self.model_cfg)
+    return functools.partial(blocks.apply if self.is_block else denoiser.apply, cfg=self.model_cfg)
+
+  @property
+  def is_block(self) -> bool:
+    """A block-autoregressive model: its apply_fn also takes the clean context (`blocks.py`)."""
+    return self.model_cfg.block_size > 0
 
   @property
   def seq_len(self) -> int:
@@ -59,7 +64,8 @@ def denoiser_config_of(config: config_lib.ExperimentConfig, kernel: forward_proc
       mask_id=kernel.mask_id if kernel.is_masked else -1, noise_kind=m.noise_kind,
       noise_dim=m.noise_dim if m.noise_kind != "none" else 0,
       image_shape=tuple(image_shape or ()), pyramid_levels=m.pyramid_levels,
-      attention_impl=m.attention_impl, remat=m.remat)
+      attention_impl=m.attention_impl, remat=m.remat,
+      block_size=0 if m.block_size == seq_len else m.block_size)  # one block = whole-sequence
 
 
 def sampler_config_of(config: config_lib.ExperimentConfig, steps: int | None = None,

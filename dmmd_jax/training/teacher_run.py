@@ -15,10 +15,10 @@ import optax
 
 from dmmd_jax import config_lib
 from dmmd_jax.data import render
-from dmmd_jax.diffusion import elbo, sampling
+from dmmd_jax.diffusion import elbo
 from dmmd_jax.infra import checkpoints, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
-from dmmd_jax.models import denoiser
+from dmmd_jax.models import blocks, denoiser
 from dmmd_jax.training import loop
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import state as state_lib
@@ -44,13 +44,13 @@ def init_teacher_state(setup: setup_lib.Setup, optimizer):
 
 def teacher_step(state: state_lib.TrainState, batch, *, apply_fn, kernel, optimizer,
                  ema_decay: float, uniform_elbo_steps: int, seed: int,
-                 continuous_time: bool = False):
-  """One AdamW step on the negative ELBO. batch: int `[batch, length]`."""
+                 continuous_time: bool = False, context: bool = False):
+  """One AdamW step on the negative ELBO. batch: int `[batch, length]`; context: block model."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
     return jnp.mean(elbo.diffusion_loss(key, params, apply_fn, kernel, batch,
-                                        uniform_elbo_steps, continuous_time))
+                                        uniform_elbo_steps, continuous_time, context))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -68,7 +68,7 @@ def compile_teacher_step(setup: setup_lib.Setup, optimizer, shardings):
   step = functools.partial(
       teacher_step, apply_fn=setup.apply_fn, kernel=setup.kernel, optimizer=optimizer,
       ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed,
-      continuous_time=c.train.uniform_continuous_time)
+      continuous_time=c.train.uniform_continuous_time, context=setup.is_block)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
@@ -80,7 +80,7 @@ def heldout_bits_per_token(setup: setup_lib.Setup, params, batch_size: int, num_
   num_batches = max(1, min(num_batches, len(tokens) // batch_size))
   loss = jax.jit(functools.partial(
       elbo.diffusion_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
-      uniform_elbo_steps=setup.config.train.uniform_elbo_steps))
+      uniform_elbo_steps=setup.config.train.uniform_elbo_steps, context=setup.is_block))
   total = 0.0
   for i in range(num_batches):
     rows = tokens[i * batch_size:(i + 1) * batch_size]
@@ -113,9 +113,9 @@ def train_teacher(config, workdir: str) -> dict:
                                                t.eval_batches)}
 
   def samples(state, step):
-    tokens = sampling.sample(jax.random.key(step), setup.apply_fn, state.ema_params,
-                             setup.kernel, setup_lib.sampler_config_of(config), t.num_samples,
-                             setup.seq_len)
+    tokens = blocks.sample_model(jax.random.key(step), setup.apply_fn, state.ema_params,
+                                 setup.kernel, setup_lib.sampler_config_of(config),
+                                 setup.model_cfg, t.num_samples, setup.seq_len)
     if jax.process_index() == 0:
       os.makedirs(f"{workdir}/samples", exist_ok=True)
       render.dump_samples(setup.info, tokens, f"{workdir}/samples/step_{step}")

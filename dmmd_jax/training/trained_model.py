@@ -6,9 +6,11 @@ import functools
 import jax
 import numpy as np
 
-from dmmd_jax.diffusion import elbo, sampling
+from dmmd_jax.data import prompts
+from dmmd_jax.diffusion import elbo
 from dmmd_jax.infra import checkpoints
 from dmmd_jax.infra import workdir as workdir_lib
+from dmmd_jax.models import blocks
 from dmmd_jax.training import dmmd_run
 from dmmd_jax.training import setup as setup_lib
 
@@ -40,26 +42,42 @@ class Model:
   def _elbo_loss(self):
     s = self.setup
     return jax.jit(functools.partial(elbo.diffusion_loss, apply_fn=s.apply_fn, kernel=s.kernel,
-                                     uniform_elbo_steps=s.config.train.uniform_elbo_steps))
+                                     uniform_elbo_steps=s.config.train.uniform_elbo_steps,
+                                     context=s.is_block))
 
   def sample(self, num_samples: int, steps: int | None = None, seed: int = 0, batch_size=None,
-             on_chunk=None, **sampler_overrides) -> np.ndarray:
+             on_chunk=None, prompt: prompts.Prompt | None = None, length: int | None = None,
+             **sampler_overrides) -> np.ndarray:
     """int32 `[num_samples, length]`, drawn in chunks of `batch_size` (default: all at once).
 
     Chunk j uses the key fold_in(key(seed + 1_000_003 j), 0), so the first chunk does not depend
     on batch_size; on_chunk(count) is called after each chunk (e.g. a progress bar's update).
+    prompt: tokens kept fixed (a prefix or an infilling template); checked before compiling.
+    length: tokens per sample (default the trained length; other lengths need a block model,
+    whose steps are then per block).
     """
     sampler_cfg = setup_lib.sampler_config_of(self.setup.config, steps or self.default_steps,
                                               **sampler_overrides)
     sampler_cfg.validate()
+    length = length or self.setup.seq_len
+    if length != self.setup.seq_len and not self.setup.is_block:
+      raise ValueError(f"this whole-sequence model generates exactly {self.setup.seq_len} "
+                       "tokens; other lengths need a block model (model.block_size).")
+    if self.setup.is_block and length % self.setup.model_cfg.block_size:
+      raise ValueError(f"the length ({length}) must be a multiple of the block size "
+                       f"({self.setup.model_cfg.block_size}).")
+    fixed, fixed_tokens = (None, None) if prompt is None else prompt.arrays(
+        num_samples, length, self.setup.kernel.vocab_size)
     batch_size = batch_size or num_samples
     out = []
     for j, start in enumerate(range(0, num_samples, batch_size)):
       count = min(batch_size, num_samples - start)
       key = jax.random.fold_in(jax.random.key(seed + 1_000_003 * j), 0)
-      out.append(np.asarray(sampling.sample(
-          key, self.setup.apply_fn, self.params, self.setup.kernel, sampler_cfg, count,
-          self.setup.seq_len, noise_fn=self.noise_fn())))
+      rows = (None, None) if prompt is None else (fixed[start:start + count],
+                                                  fixed_tokens[start:start + count])
+      out.append(np.asarray(blocks.sample_model(
+          key, self.setup.apply_fn, self.params, self.setup.kernel, sampler_cfg,
+          self.setup.model_cfg, count, length, self.noise_fn(), *rows)))
       if on_chunk is not None:
         on_chunk(count)
     return np.concatenate(out)

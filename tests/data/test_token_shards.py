@@ -10,7 +10,6 @@ import pathlib
 import _helpers
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax.data import loader, sources, text, tfds_io, token_shards, tokenizers
 from dmmd_jax.data import types as data_types

@@ -634,7 +634,7 @@ def test_distill_refuses_non_positive_student_steps(small_teacher, tmp_path, ste
 
 def _biggest_state_files(workdir):
   """The largest array file of every checkpoint step (damaging only the newest would not stop a
-  consumer: it falls back to the previous step, tests/test_faults.py)."""
+  consumer: it falls back to the previous step, tests/infra/test_faults.py)."""
   steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   return [max((p for p in (step / "state").rglob("*") if p.is_file()),
               key=lambda p: p.stat().st_size) for step in steps]

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from _helpers import jax_compilation_cache  # noqa: F401
 
 from dmmd_jax.data import loader
 from dmmd_jax.infra import checkpoints, sharding, workdir_guard
