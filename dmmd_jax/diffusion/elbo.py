@@ -49,8 +49,8 @@ def masked_elbo(kernel: forward_process.ForwardProcess, log_x, x, z_t, t):
 def posterior_kl(kernel: forward_process.ForwardProcess, log_x, x, z_t, s, t):
   """Σ_positions KL(q(z_s | z_t, x) ‖ p_θ(z_s | z_t)) `[batch]` (nats); s, t `[batch]`."""
   s, t = s[:, None], t[:, None]
-  log_x = forward_process.log_one_hot(x, kernel.vocab_size)
-  log_q = forward_process.posterior_log_probs(kernel, z_t, log_x, s, t)
+  log_data = forward_process.log_one_hot(x, kernel.vocab_size)
+  log_q = forward_process.posterior_log_probs(kernel, z_t, log_data, s, t)
   log_p = forward_process.posterior_log_probs(kernel, z_t, log_x, s, t)
   q = jnp.exp(log_q)
   return jnp.sum(q * (log_q - log_p), axis=(-2, -1))
