@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from dmmd_jax.data import loader, splits, text
+from dmmd_jax.data import loader, splits, text, token_shards
 
 _WORK = flags.DEFINE_string("work_dir", "/tmp/dmmd_data_bench", "Scratch directory (deleted).")
 _SIZE = flags.DEFINE_float("size_gb", 2.0, "Size of the generated corpus in GB (1e9 bytes).")
@@ -120,8 +120,6 @@ def train_run(prepared: pathlib.Path, workdir: pathlib.Path, env: dict) -> dict:
 
 
 def loader_throughput(prepared: pathlib.Path) -> float:
-  from dmmd_jax import token_shards  # noqa: PLC0415
-
   cfg = dict(source="tokens", path=str(prepared), tokenizer="char", seq_len=_SEQ.value)
   train, _, _ = token_shards.load_dataset(cfg)
   it = loader.batch_iterator(train, _BATCH.value, seed=0)

@@ -410,7 +410,7 @@ def prepare(output_dir, request: Request, *, workers: int = 0, progress: bool = 
   Resumable: rerunning the same request continues an interrupted preparation (finished shards
   are kept as they are) and returns the existing index once everything is done.
   """
-  from tqdm import tqdm  # noqa: PLC0415
+  from tqdm import tqdm
 
   request.validate()
   out = pathlib.Path(output_dir).expanduser()

@@ -109,7 +109,7 @@ def newest_readable(workdir: str, steps, read):
   for step in sorted(steps, reverse=True):
     try:
       value = read(step)
-    except Exception as e:  # noqa: BLE001 (orbax, tensorstore, json, OS errors alike)
+    except Exception as e:  # orbax, tensorstore, json, OS errors alike
       failed.append((step, _reason(e)))
       print(f"warning: checkpoint {step_dir(workdir, step)} could not be read ({_reason(e)}); "
             "trying the previous checkpoint.", file=sys.stderr, flush=True)

@@ -97,7 +97,7 @@ class MetricsLog:
       rows = [r for r in _complete_rows(self.path) if json.loads(r)["step"] <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(rows)
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, host 0 only)
+    from tensorboardX import SummaryWriter  # heavy import, host 0 only
     self.writer = SummaryWriter(os.path.join(workdir, "logs"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict) -> None:

@@ -161,7 +161,7 @@ def moved_data_keys(teacher_workdir: str, setup) -> tuple:
 
 def overrides(config) -> tuple:
   """The fields --config.resume_override=a.b,c.d allows to change on resume."""
-  text = config.get("resume_override", "") or ""
+  text = config_lib.typed(config).resume_override
   return tuple(f.strip() for f in text.split(",") if f.strip())
 
 

@@ -552,10 +552,10 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
     manager.wait_until_finished()
     raise _helpers.Interrupted(step)
 
-  monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
   with pytest.raises(_helpers.Interrupted):
     dmmd_run.distill_student(student_config(small_teacher, **overrides), resumed)
-  monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
   assert dmmd_run.distill_student(student_config(small_teacher, **overrides),
                                   resumed) == {"step": 8}

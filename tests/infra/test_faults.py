@@ -281,7 +281,8 @@ def test_config_history_keeps_every_earlier_config(tmp_path):
       0, 1]
 
 
-HOLD = ("import sys, time\nfrom dmmd_jax import workdir_guard\nworkdir_guard.lock(sys.argv[1])\n"
+HOLD = ("import sys, time\nfrom dmmd_jax.infra import workdir_guard\n"
+        "workdir_guard.lock(sys.argv[1])\n"
         "print('locked', flush=True)\ntime.sleep(600)\n")
 
 
@@ -333,7 +334,7 @@ jax.tree_util.register_pytree_node(LoopState, lambda d: ((d["step"],), None),
 def test_nan_message_names_the_checkpoint_really_kept(tmp_path, nan_at, message):
   """The shared loop with a stand-in step (a NaN loss at step nan_at, checkpoints every step):
   the error promises a kept checkpoint only when one is on disk, and names its step."""
-  def step_fn(state, batch):
+  def step_fn(state, batch, index):
     step = state.step + 1
     return LoopState(step=step), {"loss": jnp.where(step == nan_at, jnp.nan, 1.0)}
 

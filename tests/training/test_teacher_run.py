@@ -41,10 +41,10 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
     manager.wait_until_finished()
     raise _helpers.Interrupted(step)
 
-  monkeypatch.setattr(workdir_lib, "save_checkpoint", save_then_die)
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
   with pytest.raises(_helpers.Interrupted):
     teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed)
-  monkeypatch.setattr(workdir_lib, "save_checkpoint", save)
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
   assert teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed) == result
 
