@@ -60,6 +60,7 @@ def sample_to_files():
   outputs.check_sample_memory(_NUM.value, _LENGTH.value or model.setup.seq_len)
   prompt = prompts.from_flags(model.setup.info, _PROMPT.value, _PROMPT_FILE.value,
                               _PROMPT_TOKENS.value, _FILL_MARKER.value)
+  model.request(_NUM.value, _LENGTH.value, prompt)  # a bad prompt or length: one error line now
   with tqdm(total=_NUM.value, desc="sampling", unit="seq", dynamic_ncols=True) as bar:
     tokens = model.sample(_NUM.value, _STEPS.value, _SEED.value, batch_size=_BATCH.value,
                           prompt=prompt, length=_LENGTH.value, top_p=_TOP_P.value,

@@ -80,7 +80,7 @@ def uniform_step_times(u, num_steps: int, continuous: bool):
 
 
 def diffusion_loss(key, params, apply_fn, kernel: forward_process.ForwardProcess, x,
-                   uniform_elbo_steps: int, continuous_time: bool = False, context: bool = False):
+                   uniform_elbo_steps: int, context: bool = False, continuous_time: bool = False):
   """Negative ELBO of a batch, nats per sequence `[batch]`.
 
   apply_fn(params, tokens, t) → logits `[batch, length, K]`; x: int `[batch, length]`.

@@ -192,7 +192,7 @@ def score_apply_fn(setup):
   distill.score_dtype (default float32: with bfloat16 logits the rounding noise of the log-ratio
   exceeds its signal)."""
   model_cfg = dataclasses.replace(setup.model_cfg, dtype=setup.config.distill.score_dtype)
-  return functools.partial(denoiser.apply, cfg=model_cfg)
+  return functools.partial(blocks.apply if setup.is_block else denoiser.apply, cfg=model_cfg)
 
 
 def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shardings,

@@ -50,7 +50,8 @@ def teacher_step(state: state_lib.TrainState, batch, *, apply_fn, kernel, optimi
 
   def loss_fn(params):
     return jnp.mean(elbo.diffusion_loss(key, params, apply_fn, kernel, batch,
-                                        uniform_elbo_steps, continuous_time, context))
+                                        uniform_elbo_steps, context=context,
+                                        continuous_time=continuous_time))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

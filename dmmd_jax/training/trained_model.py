@@ -59,15 +59,7 @@ class Model:
     sampler_cfg = setup_lib.sampler_config_of(self.setup.config, steps or self.default_steps,
                                               **sampler_overrides)
     sampler_cfg.validate()
-    length = length or self.setup.seq_len
-    if length != self.setup.seq_len and not self.setup.is_block:
-      raise ValueError(f"this whole-sequence model generates exactly {self.setup.seq_len} "
-                       "tokens; other lengths need a block model (model.block_size).")
-    if self.setup.is_block and length % self.setup.model_cfg.block_size:
-      raise ValueError(f"the length ({length}) must be a multiple of the block size "
-                       f"({self.setup.model_cfg.block_size}).")
-    fixed, fixed_tokens = (None, None) if prompt is None else prompt.arrays(
-        num_samples, length, self.setup.kernel.vocab_size)
+    length, fixed, fixed_tokens = self.request(num_samples, length, prompt)
     batch_size = batch_size or num_samples
     out = []
     for j, start in enumerate(range(0, num_samples, batch_size)):
@@ -81,6 +73,23 @@ class Model:
       if on_chunk is not None:
         on_chunk(count)
     return np.concatenate(out)
+
+  def request(self, num_samples: int, length: int | None = None,
+              prompt: prompts.Prompt | None = None):
+    """(length, fixed, fixed_tokens) of a sampling request, or ValueError before any work.
+
+    fixed bool / fixed_tokens int `[num_samples, length]` (None without a prompt).
+    """
+    length = length or self.setup.seq_len
+    if length != self.setup.seq_len and not self.setup.is_block:
+      raise ValueError(f"this whole-sequence model generates exactly {self.setup.seq_len} "
+                       "tokens; other lengths need a block model (model.block_size).")
+    if self.setup.is_block and length % self.setup.model_cfg.block_size:
+      raise ValueError(f"the length ({length}) must be a multiple of the block size "
+                       f"({self.setup.model_cfg.block_size}).")
+    if prompt is None:
+      return length, None, None
+    return (length, *prompt.arrays(num_samples, length, self.setup.kernel.vocab_size))
 
   def negative_elbo_bits(self, tokens: np.ndarray, seed: int = 0, repeats: int = 4) -> float:
     """Mean negative ELBO (bits/token) of `tokens` under this model (teacher's ELBO)."""

@@ -11,7 +11,8 @@ import _helpers
 import numpy as np
 import pytest
 
-from dmmd_jax.data import loader, sources, text, tfds_io, token_shards, tokenizers
+from dmmd_jax.data import loader, sources, tfds_io, token_shards, tokenizers
+from dmmd_jax.data import text as text_lib
 from dmmd_jax.data import types as data_types
 from dmmd_jax.infra import checkpoints
 from dmmd_jax.training import teacher_run
@@ -80,7 +81,7 @@ def test_shards_hold_exactly_the_in_memory_tokenization(tmp_path, text_file, tok
   text = text_file.read_text(encoding="utf-8")
   tok = (tokenizers.GPT2Tokenizer() if tokenizer == "gpt2"
          else tokenizers.CharTokenizer.from_text(text + "\n"))
-  expected = text.join_docs(tok, [text])
+  expected = text_lib.join_docs(tok, [text])
   got = np.concatenate([shard_tokens(tmp_path, "train"), shard_tokens(tmp_path, "eval")])
   np.testing.assert_array_equal(got, expected)
   assert tokenizers.tokenizer_from_spec(index["tokenizer"]).spec() == tok.spec()
@@ -109,7 +110,7 @@ def test_directory_of_text_and_jsonl_documents(tmp_path):
   parallel = prepare(tmp_path / "two", workers=2, eval_fraction=0.0, input_path=str(src))
   tok = tokenizers.CharTokenizer.from_text("".join(docs) + "\n")
   np.testing.assert_array_equal(shard_tokens(tmp_path / "one", "train"),
-                                text.join_docs(tok, docs))
+                                text_lib.join_docs(tok, docs))
   strip = lambda index: [{k: v for k, v in m.items()} for m in index["shards"]]
   assert strip(serial) == strip(parallel)
 
@@ -143,9 +144,9 @@ def test_tfds_dataset_with_a_test_split(tmp_path):
                         for i in range(len(source(split)))]
   tok = tokenizers.GPT2Tokenizer()
   np.testing.assert_array_equal(shard_tokens(tmp_path / "out", "train"),
-                                text.join_docs(tok, docs("train")))
+                                text_lib.join_docs(tok, docs("train")))
   np.testing.assert_array_equal(shard_tokens(tmp_path / "out", "eval"),
-                                text.join_docs(tok, docs("test")))
+                                text_lib.join_docs(tok, docs("test")))
   assert index["vocab_size"] == 50257
 
 

@@ -7,6 +7,7 @@ parameters, same key), and the differentiated program really contains a checkpoi
 import dataclasses
 import functools
 
+import _helpers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import pytest
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import elbo, forward_process
 from dmmd_jax.models import denoiser
+from dmmd_jax.training import setup as setup_lib
 
 CFG = denoiser.DenoiserConfig(vocab_size=7, input_vocab_size=8, seq_len=12, num_layers=2,
                               width=32, num_heads=2, cond_dim=16, mask_id=7,
@@ -48,9 +50,8 @@ def test_remat_gives_identical_loss_and_gradients(remat):
 
 
 def test_unknown_remat_is_a_config_error():
-  config = config_lib.base_config()
-  config.model.remat = "sometimes"
+  config = _helpers.make_config("digits", "tiny", **{"model.remat": "sometimes"})
   with pytest.raises(config_lib.ConfigError, match="model.remat"):
-    config_lib.validate(config)
+    setup_lib.build_setup(config, config.train.batch_size)  # before anything compiles
   with pytest.raises(ValueError, match="model.remat"):
     denoiser.validate_config(dataclasses.replace(CFG, remat="sometimes"))
