@@ -153,6 +153,11 @@ REGISTRY = {
 }
 METRICS = ("mmd2", "teacher_nelbo", "entropy")
 ALL_METRICS = tuple(REGISTRY)
+# Columns where higher is better; entropy has no better side (closeness to the data's matters);
+# every other column is lower-is-better.
+HIGHER_IS_BETTER = ("copy_rate", "copy_position_agreement", "valid_fraction", "precision",
+                    "recall")
+UNORDERED = ("entropy",)
 
 
 def check_metric_names(names) -> None:

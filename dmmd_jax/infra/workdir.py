@@ -2,7 +2,9 @@
 
     WORKDIR/config.json      the full config of the run (read back by sample.py / distill.py)
     WORKDIR/run.json         {"kind": "teacher" | "student", "data_info": …, "student_steps": k,
-                             "run_id", "data_fingerprint", …}
+                             "run_id", "data_fingerprint", "config": the full config,
+                             "provenance": {"git_commit", "git_dirty", "versions"} of the first
+                             launch, "resumed_with": [later launches' provenance], …}
     WORKDIR/metrics.jsonl    one JSON object per logged step (also TensorBoard events in logs/)
     WORKDIR/checkpoints/N/   orbax: train state + data-iterator state (`checkpoints.py`)
     WORKDIR/samples/         sample dumps (text or PNG)

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from dmmd_jax import config_lib
+from dmmd_jax.infra import provenance
 from dmmd_jax.infra import workdir as workdir_lib
 
 KINDS = ("teacher", "student", "sdtt", "reference_lm", "feature_net")
@@ -295,8 +296,9 @@ def claim(workdir: str, kind: str, config, run_info: dict, data=None) -> None:
     return
   lock(workdir)
   check(workdir, kind, config, run_info)
-  record_config(workdir, config_lib.to_dict(config_lib.typed(config)))
-  record_run_info(workdir, run_info)
+  config = config_lib.to_dict(config_lib.typed(config))
+  record_config(workdir, config)
+  record_run_info(workdir, dict(run_info, config=config))
 
 
 def record_config(workdir: str, config: dict) -> None:
@@ -314,11 +316,19 @@ def record_config(workdir: str, config: dict) -> None:
 
 
 def record_run_info(workdir: str, run_info: dict) -> None:
-  """Write run.json (keeping a stored run_id; a new run gets a fresh one)."""
+  """Write run.json (keeping a stored run_id; a new run gets a fresh one) with the code's
+  provenance: that of the first launch, and "resumed_with" each different one since."""
   path = os.path.join(workdir, "run.json")
   stored = workdir_lib.read_json(path) if os.path.exists(path) else {}
+  now = provenance.current()
+  first = stored.get("provenance") or now
+  resumed_with = list(stored.get("resumed_with", []))
+  if now != (resumed_with[-1] if resumed_with else first):
+    resumed_with.append(now)
   info = dict(run_info, data_info=run_info["data_info"].to_json(),
-              run_id=stored.get("run_id") or uuid.uuid4().hex)
+              run_id=stored.get("run_id") or uuid.uuid4().hex, provenance=first)
+  if resumed_with:
+    info["resumed_with"] = resumed_with
   if info != stored:
     write_json_atomically(path, info)
 

@@ -31,8 +31,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+import dmmd_jax
 from dmmd_jax.data import loader
-from dmmd_jax.infra import checkpoints, sharding, workdir_guard
+from dmmd_jax.data import types as data_types
+from dmmd_jax.infra import checkpoints, provenance, sharding, workdir_guard
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, loop, teacher_run
 
@@ -279,6 +281,25 @@ def test_config_history_keeps_every_earlier_config(tmp_path):
   assert history == ["config_1.json", "config_2.json"]
   assert [json.loads((tmp_path / "config_history" / h).read_text())["seed"] for h in history] == [
       0, 1]
+
+
+def test_run_json_records_the_code_and_the_full_config(tmp_path, monkeypatch):
+  """run.json names the git commit of this checkout and holds the full config; a resume from
+  other code keeps the first launch's provenance and appends the new one."""
+  info = {"kind": "teacher", "data_info": data_types.DataInfo("text", 8, 64)}
+  workdir_guard.record_run_info(str(tmp_path), dict(info, config={"seed": 0}))
+  stored = json.loads((tmp_path / "run.json").read_text())
+  head = subprocess.run(["git", "-C", os.path.dirname(dmmd_jax.__file__), "rev-parse", "HEAD"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  assert stored["provenance"]["git_commit"] == head and "resumed_with" not in stored
+  assert stored["config"] == {"seed": 0}
+  other = dict(stored["provenance"], git_commit="0" * 40)
+  monkeypatch.setattr(provenance, "current", lambda: other)
+  workdir_guard.record_run_info(str(tmp_path), dict(info, config={"seed": 0}))
+  workdir_guard.record_run_info(str(tmp_path), dict(info, config={"seed": 0}))
+  resumed = json.loads((tmp_path / "run.json").read_text())
+  assert resumed["provenance"]["git_commit"] == head and resumed["resumed_with"] == [other]
+  assert resumed["run_id"] == stored["run_id"]
 
 
 HOLD = ("import sys, time\nfrom dmmd_jax.infra import workdir_guard\n"
