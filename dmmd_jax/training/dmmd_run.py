@@ -140,8 +140,8 @@ def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scal
   0 by default: with a zero projection the expected gradient on it is zero too (the student's
   samples do not depend on ε yet), and the D-MMD loss is unstable towards ε-independent mode
   collapse, so on the copy task the student collapses to one token before it learns to use its
-  noise (tests/distill/test_distill.py, RESULTS.md). The default 1.0 suits real data (digits: better
-  than 0 and 3 at equal budget); the two-token copy task needs 3.0.
+  noise (tests/training/test_copy_task.py; measurements and the choice of default: RESULTS.md
+  §2–§3).
   """
   copy = functools.partial(jax.tree.map, jnp.copy)
   student = copy(teacher)

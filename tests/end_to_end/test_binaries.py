@@ -133,7 +133,7 @@ def test_killed_train_teacher_resumes_with_the_same_command(tmp_path):
 
 
 # One case runs by default; the rest (a fresh JAX process each) are slow-marked to keep the
-# default suite short (the in-process tests in test_train.py/test_distill.py cover their logic).
+# default suite short (the in-process tests in tests/training/ cover their logic).
 @pytest.mark.parametrize("case", ["batch_size"] + [
     pytest.param(c, marks=pytest.mark.slow)
     for c in ("num_samples", "sample_workdir", "teacher", "levels")])

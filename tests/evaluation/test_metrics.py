@@ -193,9 +193,14 @@ def test_gradient_moment_detects_a_repeated_sequence(trained_lm, data_vs_data):
   repeated = np.repeat(typical[None], 500, axis=0)
   ppl = lambda t: metrics_lib.generative_perplexity(
       functools.partial(reference_lm.token_log_probs, params, config=LM_CONFIG), t, 128).perplexity
-  assert ppl(repeated) == pytest.approx(ppl(data[500:970]), rel=0.05)
   result = metrics_lib.gradient_moment(LOGLIK, params, repeated, data[:470], jax.random.PRNGKey(1),
                                    **GM_ARGS)
+  print(f"\nrepeated sequence vs data (RESULTS.md §5): generative perplexity "
+        f"{ppl(repeated):.4f} vs {ppl(data[500:970]):.4f}; gradient moment {result.mean:.3e} ± "
+        f"{result.stderr:.1e} ({result.mean / result.stderr:.1f} SE), data vs data "
+        f"{data_vs_data[1].mean:.3e} ± {data_vs_data[1].stderr:.1e} "
+        f"({data_vs_data[1].mean / data_vs_data[1].stderr:.2f} SE)")
+  assert ppl(repeated) == pytest.approx(ppl(data[500:970]), rel=0.05)
   assert result.mean > 10.0 * result.stderr
   assert result.all_halves > 10.0 * result.stderr
   assert result.mean > 10.0 * data_vs_data[1].stderr
