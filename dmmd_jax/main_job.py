@@ -3,6 +3,8 @@
     WORKDIR/teacher/        the teacher run
     WORKDIR/student_k{K}/   one D-MMD student per K
     WORKDIR/results.{json,csv}, WORKDIR/comparison.png
+    WORKDIR/samples_overview.{png,txt}   a row each: real data, teacher and student at every k,
+                                         the teacher at its most steps
 
 Every stage resumes: rerunning the same command skips finished runs and continues unfinished ones.
 """
@@ -39,11 +41,33 @@ def run_main_job(config, workdir: str, student_steps, teacher_steps, num_samples
   teacher = trained_model.load(teacher_dir)
   students = [trained_model.load(d) for d in student_dirs]
 
-  def steps_for(model):
-    return list(teacher_steps) if model.kind == "teacher" else [model.student_steps]
+  def steps_for(model):  # the teacher also at every student's k (the comparison the job is for)
+    if model.kind == "teacher":
+      return sorted({*teacher_steps, *student_steps})
+    return [model.student_steps]
 
+  drawn = {}
   rows = compare.evaluate([teacher, *students], steps_for, num_samples, teacher,
-                          progress=progress)
+                          progress=progress, on_samples=lambda name, k, t: drawn.update(
+                              {(name, k): t}))
   report.write_results(rows, workdir)
   report.plot(rows, os.path.join(workdir, "comparison.png"))
+  report.sample_overview(os.path.join(workdir, "samples_overview"), teacher.setup.info,
+                         sample_grid(drawn, compare.reference_sets(teacher.setup, num_samples),
+                                     student_steps, max(teacher_steps)))
   return rows
+
+
+def sample_grid(drawn, reference_sets, student_steps, most_steps: int) -> list:
+  """(label, tokens) rows of the main job's picture: real data, then per k the teacher and the
+  student at k steps, then the teacher at its most steps.
+
+  drawn: {(model name, steps): tokens `[n, L]`} from `compare.evaluate`; reference_sets: what
+  `compare.reference_sets` returns (its second entry is the real data of the "data" row).
+  """
+  _, data_rows, data_label = reference_sets
+  entries = [(data_label, data_rows)]
+  for k in student_steps:
+    entries += [(f"teacher {k} steps", drawn[("teacher", k)]),
+                (f"student k={k}", drawn[(f"student_k{k}", k)])]
+  return entries + [(f"teacher {most_steps} steps", drawn[("teacher", most_steps)])]

@@ -1,7 +1,6 @@
 """The checkpointable grain batch iterator over rows of a token array (train and eval)."""
 
 
-
 import grain
 import numpy as np
 

@@ -1,9 +1,6 @@
 """Samples for people: token rows decoded to text, image tokens tiled into a PNG grid."""
 
 
-
-
-
 import math
 import pathlib
 

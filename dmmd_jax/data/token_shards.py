@@ -231,8 +231,6 @@ def _piece_codepoints(piece: dict, jsonl_field: str) -> np.ndarray:
 # Writing shards.
 
 
-
-
 def dtype_for(vocab_size: int) -> str:
   """The most compact unsigned dtype holding ids in [0, vocab_size)."""
   return "uint16" if vocab_size <= 1 << 16 else "uint32"

@@ -39,8 +39,6 @@ from dmmd_jax.diffusion import schedules
 NEG_INF = -1e30
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class ForwardProcess:
   """A forward process: `kind` ∈ {masked, uniform}, K = `vocab_size` data tokens, a schedule."""
@@ -189,7 +187,6 @@ def _uniform_posterior_log_probs(kernel, z_t, log_x, alpha_s, alpha_t, gap, bar_
   mixture = log_a + jnp.logaddexp(direct, spread)
   # 1 − α_t = 0 (t = 0): no noise up to t, so z_s = z_t.
   return jnp.where(bar_t <= 0.0, log_one_hot(z_t, k), mixture)
-
 
 
 def class_log_likelihoods(kernel: ForwardProcess, z_t, z_s, s, t):

@@ -92,7 +92,6 @@ class EstimatorConfig:
   context: bool = False  # block model (setup.is_block, set by training.dmmd_run.compile_updates)
 
 
-
 def sample_times(key, batch_size: int, student_steps: int):
   """s ~ U(0, 1), t = min(1, s + δ) with δ ~ U(0, 1/k): two `[batch]` arrays."""
   s_key, d_key = jax.random.split(key)

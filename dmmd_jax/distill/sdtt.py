@@ -36,9 +36,6 @@ The training run (rounds, optimizer, workdir) is `training/sdtt_run.py`.
 """
 
 
-
-
-
 import jax
 import jax.numpy as jnp
 

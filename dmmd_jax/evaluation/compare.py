@@ -11,12 +11,6 @@ rows when the split is large enough ("data (held-out)"), else the first training
 """
 
 
-
-
-
-
-
-
 import dataclasses
 import functools
 import os
@@ -55,8 +49,21 @@ def check_comparable(models) -> None:
                        f"{ref.seq_len}): different tokenizer or length.")
 
 
-def reference_sets(setup, num_samples: int):
-  """(held-out rows, real rows scored as the "data" row, that row's label); see module doc."""
+def reference_sets(setup, num_samples: int, split: str = "eval"):
+  """(held-out rows, real rows scored as the "data" row, that row's label); see module doc.
+
+  split="train" compares with training rows instead (rows num_samples… of the training split,
+  and the next num_samples as the data row): for choosing settings without looking at the
+  held-out rows that results are reported on.
+  """
+  if split == "train":
+    rows = setup.train_tokens[num_samples:3 * num_samples]
+    if len(rows) < 2 * num_samples:
+      raise ValueError(f"the training split has {len(setup.train_tokens)} rows; comparing "
+                       f"{num_samples} samples with training rows needs {3 * num_samples}.")
+    return rows[:num_samples], rows[num_samples:], "data (train)"
+  if split != "eval":
+    raise ValueError(f"split must be 'eval' or 'train', got {split!r}.")
   evals = setup.eval_tokens
   held_out = evals[:num_samples]
   if len(evals) >= 2 * num_samples:
@@ -80,7 +87,7 @@ def model_names(models) -> list:
 def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model,
              names=registry.METRICS, seed: int = 0, batch_size: int = 256, progress=print, *,
              resources: registry.Resources | None = None, extra_samples=(), on_samples=None,
-             bars: bool = True):
+             bars: bool = True, split: str = "eval"):
   """Rows for every (model, steps) pair, after one row for real data.
 
   Args:
@@ -97,6 +104,8 @@ def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model
       e.g. sample files or a repetition attack.
     on_samples: called as on_samples(model_name, steps, tokens) after each draw.
     bars: show a tqdm bar over all sequences to draw.
+    split: "eval" (held-out rows) or "train" (training rows, for choosing settings; see
+      `reference_sets`).
 
   Returns:
     list of `Row`.
@@ -107,7 +116,7 @@ def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model
   registry.check_metrics(names, reference, resources)
   info = reference.setup.info
   registry.check_resources(resources, info)
-  held_out, data_rows, data_label = reference_sets(reference.setup, num_samples)
+  held_out, data_rows, data_label = reference_sets(reference.setup, num_samples, split)
   ctx = registry.Context(held_out, reference, resources, seed)
   rate = functools.partial(registry.score, held_out=held_out, reference=reference,
                            vocab_size=info.vocab_size, names=names, resources=resources,

@@ -434,6 +434,15 @@ def _sqrt_psd(matrix):
   return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
 
 
+def classifier_confidence(logits) -> tuple:
+  """(mean top-class probability, number of distinct predicted classes) of classifier logits
+  `[n, classes]`: how recognisable samples are to a classifier trained on the real data."""
+  logits = np.asarray(logits, np.float64)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  return float(np.exp(log_probs.max(-1)).mean()), len(np.unique(logits.argmax(-1)))
+
+
 def frechet_distance(feats_a, feats_b) -> float:
   """Fréchet distance of Gaussians fitted to two feature sets `[n, d]`, `[m, d]` (FID's formula).
 

@@ -16,6 +16,9 @@ default, `ALL_METRICS` everything. A new metric is one function and one entry.
 - `frechet`, `precision_recall`: Fréchet distance and k-NN precision / recall (`precision`,
   `recall`) of image samples vs held-out images in the feature space of the project's own small
   classifier (`models/feature_net.py`) — NOT comparable to Inception-FID;
+- `confidence`: that classifier's mean top-class probability on the samples (`confidence`, higher
+  = more recognisable; compare with the data row) and how many classes its predictions cover
+  (`classes_present`), the "samples a person recognises" check beside `frechet`;
 - `copy_rate`, `exact_nll`: exact metrics of the synthetic mirror source (`data/synthetic.py`): the
   fraction of samples whose second half is the reversed first half (`copy_rate`, and the
   per-position `copy_position_agreement`), and the mean exact −log p_data (nats/sequence) over
@@ -99,10 +102,20 @@ def _gm(samples, ctx, memo):
   return {"gm": result.mean, "gm_se": result.stderr}
 
 
+def _net_outputs(samples, ctx, memo):
+  """(logits, features) of the samples under the feature net, computed once per sample set."""
+  if "net_outputs" not in memo:
+    memo["net_outputs"] = ctx.resources.feature_net.outputs(samples)
+  return memo["net_outputs"]
+
+
 def _features(samples, ctx, memo):
-  if "features" not in memo:
-    memo["features"] = ctx.resources.feature_net.features(samples)
-  return memo["features"]
+  return _net_outputs(samples, ctx, memo)[1]
+
+
+def _confidence(samples, ctx, memo):
+  confidence, classes = metrics_lib.classifier_confidence(_net_outputs(samples, ctx, memo)[0])
+  return {"confidence": confidence, "classes_present": classes}
 
 
 def _frechet(samples, ctx, memo):
@@ -148,6 +161,7 @@ REGISTRY = {
     "gm": Metric(("gm", "gm_se"), _gm, "reference_lm"),
     "frechet": Metric(("frechet",), _frechet, "feature_net"),
     "precision_recall": Metric(("precision", "recall"), _precision_recall, "feature_net"),
+    "confidence": Metric(("confidence", "classes_present"), _confidence, "feature_net"),
     "copy_rate": Metric(("copy_rate", "copy_position_agreement"), _copy_rate, "synthetic"),
     "exact_nll": Metric(("exact_nll", "valid_fraction"), _exact_nll, "synthetic"),
 }
@@ -156,7 +170,7 @@ ALL_METRICS = tuple(REGISTRY)
 # Columns where higher is better; entropy has no better side (closeness to the data's matters);
 # every other column is lower-is-better.
 HIGHER_IS_BETTER = ("copy_rate", "copy_position_agreement", "valid_fraction", "precision",
-                    "recall")
+                    "recall", "confidence", "classes_present")
 UNORDERED = ("entropy",)
 
 

@@ -1,12 +1,6 @@
 """The comparison's outputs: table, results.{json,csv}, plots, sample files and overviews."""
 
 
-
-
-
-
-
-
 import csv
 import json
 import math

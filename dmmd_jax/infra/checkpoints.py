@@ -79,7 +79,6 @@ def load_params(workdir: str, name: str, step=None):
   return state[name]
 
 
-
 UNREADABLE_SUFFIX = ".unreadable"
 
 

@@ -18,7 +18,6 @@ description, accuracy) + DIR/params.npz (the flattened parameter pytree).
 """
 
 
-
 import dataclasses
 import functools
 
@@ -113,7 +112,11 @@ class FeatureNet:
 
   def features(self, tokens, batch_size: int = 512) -> np.ndarray:
     """Penultimate-layer features, float32 `[n, feature_dim]`, of int tokens `[n, H·W·C]`."""
-    return batched_apply(self.params, self.config, tokens, batch_size)[1]
+    return self.outputs(tokens, batch_size)[1]
+
+  def outputs(self, tokens, batch_size: int = 512):
+    """(class logits `[n, classes]`, features `[n, feature_dim]`) of int tokens `[n, H·W·C]`."""
+    return batched_apply(self.params, self.config, tokens, batch_size)
 
   def check_compatible(self, info: data_types.DataInfo) -> None:
     """ValueError unless samples described by `info` are images this network reads."""

@@ -188,3 +188,18 @@ def test_nan_in_a_binary_keeps_the_last_checkpoint(tmp_path):
   entries = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert str(bad_step - 1) in entries, entries
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_main_binary_writes_table_plot_and_sample_grid(tmp_path):
+  """experiments/main.py (the Quickstart job) on digits tiny: teacher, two students, the table
+  (the teacher also at every student's k), comparison.png and the sample grid."""
+  main = _helpers.EXPERIMENTS / "main.py"
+  proc = ok(_helpers.run_python([main, CONFIG, *_helpers.FAST_FLAGS, f"--workdir={tmp_path}",
+                                 "--student_steps=2,4", "--teacher_steps=8", "--num_samples=8"]))
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [(r["model"], r["steps"]) for r in rows] == [
+      (rows[0]["model"], 0), ("teacher", 2), ("teacher", 4), ("teacher", 8),
+      ("student_k2", 2), ("student_k4", 4)]
+  for png in ("comparison.png", "samples_overview.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
+  assert "student_k4" in proc.stdout

@@ -82,7 +82,7 @@ def test_evaluate_binary_end_to_end(runs_dir):
   out = root / "eval"
   done = _run("evaluate.py", f"--workdirs={dirs['teacher']},{dirs['dmmd_k4']},{dirs['sdtt_k4']}",
               "--steps=2,4", "--num_samples=32", "--batch_size=32",
-              "--metrics=mmd2,teacher_nelbo,entropy,gen_ppl,gm,frechet,precision_recall",
+              "--metrics=mmd2,teacher_nelbo,entropy,gen_ppl,gm,frechet,precision_recall,confidence",
               f"--reference_lm={dirs['lm']}", f"--feature_net={dirs['fnet']}",
               f"--output_dir={out}")
   assert done.returncode == 0, done.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_evaluate_binary_end_to_end(runs_dir):
     table = list(csv.DictReader(f))
   assert list(table[0]) == ["model", "kind", "steps", "mmd2", "mmd2_se", "teacher_nelbo",
                             "entropy", "gen_ppl", "gm", "gm_se", "frechet", "precision",
-                            "recall"]
+                            "recall", "confidence", "classes_present"]
   assert [(r["model"], r["kind"], r["steps"]) for r in table] == [
       ("data (held-out)", "data", "0"), ("teacher", "teacher", "2"),
       ("teacher", "teacher", "4"), ("dmmd_k4", "student", "4"), ("sdtt_k4", "student", "4")]

@@ -118,6 +118,7 @@ def test_metric_names_and_requirements():
     registry.check_metrics([])
   for name, flag in [("gm", "--reference_lm"), ("gen_ppl", "--reference_lm"),
                      ("frechet", "--feature_net"), ("precision_recall", "--feature_net"),
+                     ("confidence", "--feature_net"),
                      ("copy_rate", "synthetic"), ("exact_nll", "synthetic"),
                      ("teacher_nelbo", "teacher")]:
     with pytest.raises(ValueError, match=f"metric {name} needs .*{flag}"):

@@ -240,6 +240,13 @@ def test_pair_split_indices_are_disjoint():
 # ------------------------------------------------------------ Fréchet distance, precision/recall
 
 
+def test_classifier_confidence_against_a_hand_softmax():
+  logits = np.array([[0.0, 0.0, 0.0], [np.log(8.0), 0.0, 0.0], [0.0, 0.0, 1e4]])
+  confidence, classes = metrics_lib.classifier_confidence(logits)
+  assert confidence == pytest.approx((1 / 3 + 0.8 + 1.0) / 3)
+  assert classes == 2  # argmax: class 0 (twice, the tie resolves to 0) and class 2
+
+
 def test_frechet_distance():
   rng = np.random.default_rng(0)
   a = rng.normal(size=(400, 5)) @ rng.normal(size=(5, 5))

@@ -1,0 +1,166 @@
+r"""Distillation settings × training seeds: students vs their teacher, with paired standard errors.
+
+Choose settings on training rows and other seeds, then report fresh seeds on held-out rows:
+
+    python bench/sweep.py --config=configs/digits.py:small --workdir=runs/sweep_digits \
+        --grid="distill.learning_rate=3e-4|1e-3,distill.noise_init_scale=0.3|1.0" \
+        --seeds=100,101 --split=train --output=results/digits_sweep
+    python bench/sweep.py --config=configs/digits.py:small --workdir=runs/seeds_digits \
+        --student_steps=4,16 --teacher_steps=4,16,256 --seeds=0,1,2 \
+        --pairs=4:4,4:16,16:16,16:256 --output=results/digits_seeds
+
+One teacher (the config's seed) in WORKDIR/teacher. For every setting of the grid (the product of
+its `key=v1|v2|…` entries; none: the config as it is) and every seed s, a student per k in
+WORKDIR/[SETTING/]seed{s}/student_k{k} (config.seed = s). The teacher at every --teacher_steps
+and each student at its k are sampled with sampling seed s and scored against the same rows
+(`evaluation.compare.evaluate`; --split=eval: held-out rows, --split=train: training rows, for
+choosing settings). A pair K:T compares the k = K student with the teacher at T steps per seed
+(`evaluation.paired`: mean difference, paired SE, verdict), per setting.
+
+Writes OUTPUT_rows.csv (a row per setting, seed, model and steps; appended as each finishes, so
+a rerun skips what is there) and OUTPUT_paired.csv, and prints the paired table. Distillations
+resume from their checkpoints.
+"""
+
+import csv
+import itertools
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dmmd_jax import cli, config_lib, main_job
+from dmmd_jax.evaluation import compare, paired, registry
+from dmmd_jax.training import dmmd_run, teacher_run, trained_model
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Directory for all runs.")
+_STUDENTS = flags.DEFINE_list("student_steps", ["4", "16"], "Student k.")
+_TEACHER = flags.DEFINE_list("teacher_steps", ["4", "16", "256"], "Teacher sampling steps.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Student training (and sampling) seeds.")
+_PAIRS = flags.DEFINE_list("pairs", ["4:4", "16:16", "16:256"],
+                           "K:T = student k = K vs teacher at T steps.")
+_GRID = flags.DEFINE_list("grid", [], "Settings: section.key=v1|v2|… entries (product).")
+_METRICS = flags.DEFINE_list("metrics", list(registry.METRICS), "Metrics (evaluate.py's).")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train"], "Rows the samples are scored "
+                           "against: held-out (report) or training (choosing settings).")
+_NUM = flags.DEFINE_integer("num_samples", 512, "Samples per (model, steps, seed).")
+_OUTPUT = flags.DEFINE_string("output", None, "Prefix of the two CSV files.")
+flags.mark_flags_as_required(["output"])
+
+
+def settings(config, grid) -> list:
+  """[(name, {section: {key: value}})] for the product of grid entries "section.key=v1|v2"."""
+  axes = []
+  for entry in grid:
+    dotted, _, values = entry.partition("=")
+    section, key = dotted.split(".")
+    kind = type(getattr(getattr(config, section), key))
+    parse = (lambda v: v.lower() == "true") if kind is bool else kind
+    axes.append([(section, key, parse(v)) for v in values.split("|")])
+  out = []
+  for point in itertools.product(*axes):
+    changes = {}
+    for section, key, value in point:
+      changes.setdefault(section, {})[key] = value
+    out.append(("_".join(f"{key}={value}" for _, key, value in point), changes))
+  return out
+
+
+def seed_rows(config, workdir, seed, ks, teacher_steps, metrics, num_samples, split):
+  """Distils (or resumes) this seed's students; returns their and the teacher's flat rows."""
+  students = []
+  for k in ks:
+    student_dir = os.path.join(workdir, f"seed{seed}", f"student_k{k}")
+    dmmd_run.distill_student(config_lib.replace(config, seed=seed, distill={
+        "student_steps": k}), student_dir)
+    students.append(trained_model.load(student_dir))
+  teacher = trained_model.load(config.distill.teacher_workdir)
+
+  def steps_for(model):
+    return teacher_steps if model.kind == "teacher" else [model.student_steps]
+
+  rows = compare.evaluate([teacher, *students], steps_for, num_samples, teacher, metrics,
+                          seed=seed, bars=False, split=split)
+  return [{"seed": seed, **r.flat(), "model": r.kind if r.kind != "student" else
+           f"student_k{r.steps}"} for r in rows]
+
+
+def paired_rows(rows, pairs) -> list:
+  """One `paired.Paired.row()` per (setting, pair, metric column)."""
+  out = []
+  for setting in dict.fromkeys(r["setting"] for r in rows):
+    mine = [r for r in rows if r["setting"] == setting]
+    seeds = sorted({r["seed"] for r in mine})
+
+    def values(model, steps, column, mine=mine, seeds=seeds):
+      found = {r["seed"]: r[column] for r in mine if r["model"] == model and r["steps"] == steps}
+      return [float(found[s]) for s in seeds]
+
+    columns = [c for c in mine[0] if c not in ("setting", "seed", "model", "kind", "steps")
+               and not c.endswith("_se")]
+    for (k, t), c in itertools.product(pairs, columns):
+      p = paired.compare(c, f"student_k{k}@{k}", values(f"student_k{k}", k, c),
+                         f"teacher@{t}", values("teacher", t, c),
+                         lower_is_better=c not in registry.HIGHER_IS_BETTER)
+      out.append({"setting": setting, **p.row(), **(
+          {"verdict": "(no better side)", "at_least_as_good": ""}
+          if c in registry.UNORDERED else {})})
+  return out
+
+
+def read_rows(path) -> list:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [{**r, "seed": int(r["seed"]), "steps": int(r["steps"])} for r in csv.DictReader(f)]
+
+
+def write_csv(path, rows, mode="w"):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  new = mode == "w" or not os.path.exists(path)
+  with open(path, mode, newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    if new:
+      writer.writeheader()
+    writer.writerows(rows)
+
+
+def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_samples, split,
+        output):
+  config = config_lib.typed(config)
+  registry.check_metric_names(metrics)
+  points = settings(config, grid)  # a bad grid entry fails before any training
+  teacher_dir = os.path.join(workdir, "teacher")
+  teacher_run.train_teacher(config, teacher_dir)
+  rows_path = f"{output}_rows.csv"
+  rows = read_rows(rows_path)
+  for (name, changes), seed in itertools.product(points, seeds):
+    if any(r["setting"] == name and r["seed"] == seed for r in rows):
+      continue
+    point = main_job.student_config(config_lib.replace(config, **changes), teacher_dir, ks[0])
+    new = [{"setting": name, **r} for r in seed_rows(
+        point, os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples,
+        split)]
+    write_csv(rows_path, new, mode="a")
+    rows += new
+  summary = paired_rows(rows, pairs)
+  write_csv(f"{output}_paired.csv", summary)
+  for p in summary:
+    print(f"{p['setting']:>24s} {p['metric']:>14s} {p['a']:>14s} − {p['b']:<12s} "
+          f"{p['mean_a']:9.4g} {p['mean_b']:9.4g} diff {p['diff']:+.4g} ± {p['se']:.2g} "
+          f"(n={p['n']}) {p['verdict']}")
+  return summary
+
+
+def main(argv):
+  del argv
+  ints = lambda values: [int(v) for v in values]  # noqa: E731
+  pairs = [tuple(ints(p.split(":"))) for p in _PAIRS.value]
+  cli.run(run, _CONFIG.value, _WORKDIR.value, ints(_STUDENTS.value), ints(_TEACHER.value),
+          ints(_SEEDS.value), pairs, _GRID.value, _METRICS.value, _NUM.value, _SPLIT.value,
+          _OUTPUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
