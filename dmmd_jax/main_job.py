@@ -1,7 +1,8 @@
 """The main job: train a teacher, distil D-MMD students, compare them at several step counts.
 
     WORKDIR/teacher/        the teacher run
-    WORKDIR/student_k{K}/   one D-MMD student per K
+    WORKDIR/student_k{K}/   one D-MMD student per K (diagnostics.png: its moment mismatch and
+                            entropy per bucket of s over the updates)
     WORKDIR/results.{json,csv}, WORKDIR/comparison.png
     WORKDIR/samples_overview.{png,txt}   a row each: real data, teacher and student at every k,
                                          the teacher at its most steps
@@ -14,6 +15,7 @@ import os
 
 from dmmd_jax import config_lib
 from dmmd_jax.evaluation import compare, report
+from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, teacher_run, trained_model
 
 
@@ -36,6 +38,8 @@ def run_main_job(config, workdir: str, student_steps, teacher_steps, num_samples
     student_dir = os.path.join(workdir, f"student_k{k}")
     progress(f"[2/3] student {i + 1}/{len(student_steps)}: k={k} → {student_dir}")
     dmmd_run.distill_student(student_config(config, teacher_dir, k), student_dir)
+    report.plot_diagnostics(workdir_lib.read_metrics(student_dir),
+                            os.path.join(student_dir, "diagnostics.png"))
     student_dirs.append(student_dir)
   progress("[3/3] sampling and scoring")
   teacher = trained_model.load(teacher_dir)

@@ -91,6 +91,37 @@ def plot(rows, path: str, names=None) -> None:
   plt.close(fig)
 
 
+def plot_diagnostics(metrics_rows, path: str) -> bool:
+  """A student's matching diagnostics vs update step: `moment_mismatch/b*` and
+  `student_entropy/b*` (a line per bucket of s, `distill/diagnostics.py`) from its metrics.jsonl
+  rows. Returns False (and writes nothing) when the rows hold no diagnostics."""
+  panels = ("moment_mismatch", "student_entropy")
+  series = {p: {} for p in panels}
+  for row in metrics_rows:
+    for key, value in row.items():
+      panel, _, bucket = key.partition("/b")
+      if panel in series and bucket.isdigit():
+        series[panel].setdefault(int(bucket), []).append((row["step"], value))
+  if not any(series.values()):
+    return False
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, panel in zip(axes, panels, strict=True):
+    buckets = series[panel]
+    for b in sorted(buckets):
+      steps, values = zip(*buckets[b], strict=True)
+      ax.plot(steps, values, "o-", markersize=3,
+              label=f"s ∈ [{b}/{len(buckets)}, {b + 1}/{len(buckets)})")
+    ax.set_xlabel("D-MMD update")
+    ax.set_title(panel + (" (TV of first moments)" if panel == "moment_mismatch" else " (nats)"))
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def save_samples(output_dir: str, info: data_types.DataInfo, label: str, tokens) -> str:
   """samples/<label>.npy plus a PNG grid (images) or decoded text; returns the preview path."""
   folder = os.path.join(output_dir, "samples")

@@ -274,3 +274,19 @@ def test_sample_files_and_overviews(tmp_path):
     compare.load_sample_file(str(tmp_path / "bad.npy"), text_info)
   with pytest.raises(FileNotFoundError):
     compare.load_sample_file(str(tmp_path / "none.npy"), text_info)
+
+
+def test_plot_diagnostics_draws_a_line_per_bucket_or_nothing(tmp_path, monkeypatch):
+  rows = [{"step": s, "gen_loss": 0.1, "moment_mismatch/b0": 0.3 / s, "moment_mismatch/b1": 0.2,
+           "student_entropy/b0": 1.0, "student_entropy/b1": 1.1} for s in (1, 2, 3)]
+  drawn = []
+  real_plot = report._pyplot().Axes.plot
+  monkeypatch.setattr(report._pyplot().Axes, "plot",
+                      lambda ax, x, y, *a, **k: drawn.append((list(x), list(y))) or real_plot(
+                          ax, x, y, *a, **k))
+  assert report.plot_diagnostics(rows, str(tmp_path / "d.png"))
+  assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+  assert drawn[0][0] == [1, 2, 3] and np.allclose(drawn[0][1], [0.3, 0.15, 0.1])
+  assert len(drawn) == 4  # 2 buckets × 2 panels
+  assert not report.plot_diagnostics([{"step": 1, "gen_loss": 0.1}], str(tmp_path / "n.png"))
+  assert not (tmp_path / "n.png").exists()
