@@ -47,6 +47,7 @@ VARIANTS = {
 def main(argv):
   del argv
   root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="copy_task_"))
+  root.mkdir(parents=True, exist_ok=True)
   data = _helpers.copy_task_tokens(root / "copy.npy")
   done = set()
   if os.path.exists(_OUTPUT.value):

@@ -224,6 +224,12 @@ def _sequence_entropy(tokens, valid):
   return jnp.where(num > 0, entropy, 0.0)
 
 
+def unique_fraction(tokens) -> float:
+  """Fraction of distinct sequences among int samples `[n, L]` (1 = no sample repeated)."""
+  tokens = np.asarray(tokens)
+  return len(np.unique(tokens, axis=0)) / len(tokens)
+
+
 @functools.partial(jax.jit, static_argnames=("vocab_size", "per_sequence"))
 def unigram_entropy(tokens, vocab_size: int, per_sequence: bool = False):
   """Unigram entropy of samples: per-sequence entropy (nats) of the token histogram, averaged.

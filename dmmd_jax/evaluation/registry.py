@@ -9,6 +9,7 @@ default, `ALL_METRICS` everything. A new metric is one function and one entry.
   how likely the teacher finds them; lower is more teacher-like (can be gamed by low diversity,
   so read it together with mmd2 and entropy);
 - `entropy`: per-sequence unigram entropy of the samples (nats), the mode-collapse detector;
+- `unique`: the fraction of distinct sequences among the samples (`unique_fraction`);
 - `gen_ppl`: generative perplexity under a reference autoregressive LM (token-weighted, float64);
   gameable: repeating one likely sequence keeps it low;
 - `gm`: gradient moment ‖E_model ∇ψ log p_ψ − E_data ∇ψ log p_ψ‖² under the reference LM, model
@@ -78,6 +79,10 @@ def _teacher_nelbo(samples, ctx, memo):
 
 def _entropy(samples, ctx, memo):
   return {"entropy": float(metrics_lib.unigram_entropy(samples, memo["vocab_size"]))}
+
+
+def _unique(samples, ctx, memo):
+  return {"unique_fraction": metrics_lib.unique_fraction(samples)}
 
 
 def _gen_ppl(samples, ctx, memo):
@@ -157,6 +162,7 @@ REGISTRY = {
     "mmd2": Metric(("mmd2", "mmd2_se"), _mmd2),
     "teacher_nelbo": Metric(("teacher_nelbo",), _teacher_nelbo, "teacher"),
     "entropy": Metric(("entropy",), _entropy),
+    "unique": Metric(("unique_fraction",), _unique),
     "gen_ppl": Metric(("gen_ppl",), _gen_ppl, "reference_lm"),
     "gm": Metric(("gm", "gm_se"), _gm, "reference_lm"),
     "frechet": Metric(("frechet",), _frechet, "feature_net"),
@@ -171,7 +177,7 @@ ALL_METRICS = tuple(REGISTRY)
 # every other column is lower-is-better.
 HIGHER_IS_BETTER = ("copy_rate", "copy_position_agreement", "valid_fraction", "precision",
                     "recall", "confidence", "classes_present")
-UNORDERED = ("entropy",)
+UNORDERED = ("entropy", "unique_fraction")
 
 
 def check_metric_names(names) -> None:

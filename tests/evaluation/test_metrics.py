@@ -240,6 +240,12 @@ def test_pair_split_indices_are_disjoint():
 # ------------------------------------------------------------ Fréchet distance, precision/recall
 
 
+def test_unique_fraction_counts_distinct_rows():
+  tokens = np.array([[0, 1], [0, 1], [1, 0], [1, 1]])
+  assert metrics_lib.unique_fraction(tokens) == 0.75
+  assert metrics_lib.unique_fraction(tokens.T) == 1.0
+
+
 def test_classifier_confidence_against_a_hand_softmax():
   logits = np.array([[0.0, 0.0, 0.0], [np.log(8.0), 0.0, 0.0], [0.0, 0.0, 1e4]])
   confidence, classes = metrics_lib.classifier_confidence(logits)
