@@ -8,9 +8,15 @@ per kernel (the test's, 600 steps), then per variant and seed a k = 1 student, s
 times. A JSON line per run (agreement, value frequencies, whether it meets the test's bounds);
 a rerun skips runs already in --output. Variants: masked (the masked test's recipe),
 uniform_noise (uniform with the noise input), uniform_plain (the paper's uniform student, no
-noise: the test expects agreement ≥ 0.85 and unbalanced values).
+noise: the test expects agreement ≥ 0.85 and unbalanced values). --overrides (JSON, config
+keys → values) and --updates change the recipe, for choosing one:
+
+    python bench/copy_task.py --variants=masked --seeds=0,1,2,3 --updates=1500 \
+        --overrides='{"distill.learning_rate": 6e-4, "distill.aux_learning_rate": 1e-3}' \
+        --output=results/copy_task_recipes.jsonl
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -31,6 +37,8 @@ _VARIANTS = flags.DEFINE_list("variants", ["masked", "uniform_noise", "uniform_p
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3"], "Student seeds.")
 _OUTPUT = flags.DEFINE_string("output", "results/copy_task_seeds.jsonl", "JSON lines file.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Runs directory (default: a temporary one).")
+_OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON config overrides on top of the recipe.")
+_UPDATES = flags.DEFINE_integer("updates", 0, "D-MMD updates (0: the recipe's).")
 
 # variant → (kernel, updates, overrides, bounds check on (agreement, frequencies))
 VARIANTS = {
@@ -49,23 +57,29 @@ def main(argv):
   root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="copy_task_"))
   root.mkdir(parents=True, exist_ok=True)
   data = _helpers.copy_task_tokens(root / "copy.npy")
+  extra = json.loads(_OVERRIDES.value)
   done = set()
   if os.path.exists(_OUTPUT.value):
-    done = {(r["variant"], r["seed"]) for r in map(json.loads, open(_OUTPUT.value))}
+    done = {(r["variant"], r["seed"], json.dumps(r["overrides"], sort_keys=True), r["updates"])
+            for r in map(json.loads, open(_OUTPUT.value))}
   teachers = {}
   for variant in _VARIANTS.value:
     kind, updates, overrides, passes = VARIANTS[variant]
+    updates, overrides = _UPDATES.value or updates, {**overrides, **extra}
     if kind not in teachers:
       teachers[kind] = str(root / f"teacher_{kind}")
       teacher_run.train_teacher(recipe.copy_config(data, kind), teachers[kind])
     for seed in map(int, _SEEDS.value):
-      if (variant, seed) in done:
+      if (variant, seed, json.dumps(overrides, sort_keys=True), updates) in done:
         continue
-      tokens = recipe.distil_copy_task(data, teachers[kind], str(root / f"{variant}_s{seed}"),
-                                       kind, updates, seed=seed, **overrides)
+      tag = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+      run_dir = root / f"{variant}_s{seed}_{tag}_{updates}"
+      tokens = recipe.distil_copy_task(data, teachers[kind], str(run_dir), kind, updates,
+                                       seed=seed, **overrides)
       freqs = [float(f) for pos in recipe.describe(f"{variant} seed {seed}", tokens) for f in pos]
       agree = _helpers.agreement(tokens)
-      line = {"variant": variant, "seed": seed, "updates": updates, "agreement": agree,
+      line = {"variant": variant, "seed": seed, "updates": updates, "overrides": overrides,
+              "agreement": agree,
               "frequencies": freqs, "meets_test_bounds": bool(passes(agree, freqs))}
       with open(_OUTPUT.value, "a") as f:
         f.write(json.dumps(line) + "\n")

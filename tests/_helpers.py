@@ -141,3 +141,21 @@ def tree_max_abs_diff(a, b) -> float:
 
 class Interrupted(Exception):
   """Stands for a killed process (raised right after the checkpoint a test stops at)."""
+
+
+def run_until_first_checkpoint(run, monkeypatch) -> None:
+  """Calls run() with `checkpoints.save_checkpoint` patched to raise Interrupted right after the
+  first checkpoint is fully written (a simulated kill), then restores the real function."""
+  from dmmd_jax.infra import checkpoints
+
+  save = checkpoints.save_checkpoint
+
+  def save_then_die(manager, step, state, data_state):
+    save(manager, step, state, data_state)
+    manager.wait_until_finished()
+    raise Interrupted(step)
+
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
+  with pytest.raises(Interrupted):
+    run()
+  monkeypatch.setattr(checkpoints, "save_checkpoint", save)

@@ -397,17 +397,8 @@ def test_teacher_on_token_shards_resumes_exactly(prepared, tmp_path, monkeypatch
   (losses and held-out bits/token from the eval shards) and parameters."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   result = teacher_run.train_teacher(tokens_config(prepared), straight)
-  save = checkpoints.save_checkpoint
-
-  def save_then_die(manager, step, state, data_state):
-    save(manager, step, state, data_state)
-    manager.wait_until_finished()
-    raise Interrupted(step)
-
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-  with pytest.raises(Interrupted):
-    teacher_run.train_teacher(tokens_config(prepared), resumed)
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+  _helpers.run_until_first_checkpoint(
+      lambda: teacher_run.train_teacher(tokens_config(prepared), resumed), monkeypatch)
   assert teacher_run.train_teacher(tokens_config(prepared), resumed) == result
   rows_a = _helpers.timing_free(_helpers.read_metrics(straight))
   rows_b = _helpers.timing_free(_helpers.read_metrics(resumed))

@@ -37,17 +37,9 @@ def test_distill_resume_is_exact(small_teacher, tmp_path, monkeypatch):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   dmmd_run.distill_student(student_config(small_teacher, **overrides), straight)
 
-  save = checkpoints.save_checkpoint
-
-  def save_then_die(manager, step, state, data_state):
-    save(manager, step, state, data_state)
-    manager.wait_until_finished()
-    raise _helpers.Interrupted(step)
-
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-  with pytest.raises(_helpers.Interrupted):
-    dmmd_run.distill_student(student_config(small_teacher, **overrides), resumed)
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+  _helpers.run_until_first_checkpoint(
+      lambda: dmmd_run.distill_student(student_config(small_teacher, **overrides), resumed),
+      monkeypatch)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
   assert dmmd_run.distill_student(student_config(small_teacher, **overrides),
                                   resumed) == {"step": 8}

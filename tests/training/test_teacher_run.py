@@ -34,17 +34,8 @@ def test_teacher_resume_is_exact(tmp_path, monkeypatch, kind):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   result = teacher_run.train_teacher(_helpers.fast_digits(**overrides), straight)
 
-  save = checkpoints.save_checkpoint
-
-  def save_then_die(manager, step, state, data_state):
-    save(manager, step, state, data_state)
-    manager.wait_until_finished()
-    raise _helpers.Interrupted(step)
-
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-  with pytest.raises(_helpers.Interrupted):
-    teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed)
-  monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+  _helpers.run_until_first_checkpoint(
+      lambda: teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed), monkeypatch)
   assert [r["step"] for r in _helpers.read_metrics(resumed)] == [1, 2, 3, 4]
   assert teacher_run.train_teacher(_helpers.fast_digits(**overrides), resumed) == result
 
