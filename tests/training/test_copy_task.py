@@ -96,14 +96,15 @@ def test_copy_task_masked_student_learns_the_correlation(copy_data, copy_teacher
   assert all(0.35 <= f <= 0.65 for pos in freqs for f in pos)
 
 
-UNIFORM_STUDENT = {"distill.uniform_noise": True, "distill.noise_init_scale": 3.0}
+UNIFORM_STUDENT = {"distill.uniform_noise": True, "distill.noise_init_scale": 10.0,
+                   "distill.learning_rate": 1e-3, "distill.aux_learning_rate": 3e-3}
 
 
 @pytest.mark.slow
 def test_copy_task_uniform_student_learns_the_correlation(copy_data, copy_teachers, tmp_path):
   """Uniform kernel, k = 1, with the student's noise input (distill.uniform_noise): the student
-  agrees ≥ 95% while both values keep frequency in [0.35, 0.65] (measured: 0.968, 0.48 / 0.52;
-  noise init 10 and lr 6e-4: 0.984, 0.54 / 0.46)."""
+  agrees ≥ 95% while both values keep frequency in [0.35, 0.65] (recipe and success rate over
+  seeds: RESULTS.md §2)."""
   teacher = copy_teachers("uniform")
   check_teacher(teacher)
   tokens = distil_copy_task(copy_data, teacher, str(tmp_path / "student"), "uniform", 1500,
@@ -114,15 +115,14 @@ def test_copy_task_uniform_student_learns_the_correlation(copy_data, copy_teache
 
 
 @pytest.mark.slow
-def test_copy_task_uniform_student_without_noise_is_unbalanced(copy_data, copy_teachers,
-                                                               tmp_path):
-  """Finding: the paper's uniform student (no noise input; the randomness comes only from z_1)
-  agrees far more often than the 1-step teacher but keeps the values unbalanced. In every run
-  tried (lr 3e-4 … 1e-3, 1500–3000 updates, samples_per_z 1 or 4, four teacher seeds) it settled
-  on a map z_1 → x that sends z_1 = 01 and z_1 = 10 to the same value (an OR / AND of the two
-  noise tokens): frequencies ≈ 1/4 : 3/4 (measured 0.961 agreement, 0.26 / 0.74). The network is
-  nearly mirror-symmetric in the two positions and the balanced symmetric map (x = [z_0 = z_1])
-  is not what the expected gradient finds."""
+def test_copy_task_uniform_student_without_noise_misses_the_bounds(copy_data, copy_teachers,
+                                                                   tmp_path):
+  """Finding: the paper's uniform student (no noise input; its randomness is z_1 alone) learns
+  part of the correlation (agreement well above the 1-step teacher's ≈ 1/2) but does not reach
+  what the student with the noise input reaches (agreement ≥ 0.95 with balanced values). How it
+  misses depends on the seed: low agreement with balanced values, or a map z_1 → x that sends
+  z_1 = 01 and 10 to the same value (an OR / AND of the noise tokens, frequencies ≈ 1/4 : 3/4);
+  RESULTS.md §2 has the runs."""
   teacher = copy_teachers("uniform")
   workdir = str(tmp_path / "student")
   tokens = distil_copy_task(copy_data, teacher, workdir, "uniform", 1500)
@@ -132,9 +132,9 @@ def test_copy_task_uniform_student_without_noise_is_unbalanced(copy_data, copy_t
   p_one = jax.nn.softmax(model.setup.apply_fn(model.params, z_1, jnp.ones(4)), -1)[..., 1]
   print("uniform student P(x_i = 1 | z_1) for z_1 = 00, 01, 10, 11:",
         np.round(np.asarray(p_one), 3).tolist())
-  assert _helpers.agreement(tokens) >= 0.85
-  assert all(0.15 <= f <= 0.85 for pos in freqs for f in pos)
-  assert max(abs(f - 0.5) for pos in freqs for f in pos) > 0.15
+  agreement = _helpers.agreement(tokens)
+  assert agreement >= 0.65
+  assert not (agreement >= 0.95 and all(0.35 <= f <= 0.65 for pos in freqs for f in pos))
 
 
 @pytest.mark.slow
