@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import forward_process
+from dmmd_jax.infra import sharding
 from dmmd_jax.models import block_attention
 
 # Activation checkpointing of the Transformer blocks: "block" keeps only each block's input and
@@ -155,7 +156,7 @@ class Block(nn.Module):
     h = _dense(cfg.mlp_ratio * cfg.width, ("embed", "mlp"), "mlp_in", dt)(h)
     h = _dense(cfg.width, ("mlp", "embed"), "mlp_out", dt)(nn.gelu(h))
     x = x + _per_position(gate2, x.shape[1]) * h
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), (k, v)
+    return sharding.constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
 def _attention_impl(cfg):
@@ -189,7 +190,7 @@ class Transformer(nn.Module):
       proj = _dense(cfg.width, ("noise", "embed"), "noise_proj", dt, zero=True)
       n = noise.shape[1]
       x = jnp.concatenate([x[:, :n] + proj(noise.astype(dt)), x[:, n:]], axis=1)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
     if not cfg.time_conditioning:
       t = jnp.zeros_like(t)
