@@ -39,8 +39,7 @@ class Stepper:
                                        self.setup.mesh)
     optimizer = teacher_run.teacher_optimizer(config)
     self.state, shardings = teacher_run.init_teacher_state(self.setup, optimizer)
-    with sharding.rules_context():
-      self.step = teacher_run.compile_teacher_step(self.setup, optimizer, shardings)
+    self.step = teacher_run.compile_teacher_step(self.setup, optimizer, shardings)
     self.seconds(2)
 
   def seconds(self, steps: int) -> float:

@@ -232,13 +232,12 @@ def teacher_phase(setup, config, result, args):
   optimizer = teacher_run.teacher_optimizer(config)
   state, shardings = teacher_run.init_teacher_state(setup, optimizer)
   result["params"] = param_count(state.params)
-  with sharding.rules_context():
-    start = time.perf_counter()
-    step = teacher_run.compile_teacher_step(setup, optimizer, shardings).lower(
-        state, batch).compile()
-    report = {"compile_s": time.perf_counter() - start, **compiled_info(step)}
-    step_s, state, metrics = timed_steps(lambda s: step(s, batch), state, args.steps,
-                                         args.warmup)
+  start = time.perf_counter()
+  step = teacher_run.compile_teacher_step(setup, optimizer, shardings).lower(
+      state, batch).compile()
+  report = {"compile_s": time.perf_counter() - start, **compiled_info(step)}
+  step_s, state, metrics = timed_steps(lambda s: step(s, batch), state, args.steps,
+                                       args.warmup)
   report.update(step_report(step_s, 3 * fwd, batch_size * cfg.seq_len, result["matmul_tflops"]),
                 **memory_stats(), loss_bpt=float(metrics["loss_bpt"]))
   return report, state.ema_params  # the rest of the state is freed on return
@@ -266,31 +265,30 @@ def distill_phase(setup, config, result, teacher_params, args):
   student_opt, aux_opt = dmmd_run.distill_optimizers(config)
   dstate = dmmd_run.init_distill_state(teacher_params, student_opt, aux_opt, setup.mesh,
                                       jax.random.key(1), config.distill.noise_init_scale)
-  with sharding.rules_context():
-    start = time.perf_counter()
-    updates = dmmd_run.compile_updates(setup, dcfg, student_opt, aux_opt,
-                                       state_lib.shardings_of(dstate),
-                                       state_lib.shardings_of(teacher_params))
-    student_update, aux_update = (u.lower(dstate, teacher_params, batch).compile()
-                                  for u in updates)
-    report = {"compile_s": time.perf_counter() - start, "student_steps": dcfg.student_steps,
-              "teacher_top_p": dcfg.teacher_top_p, "samples_per_z": dcfg.samples_per_z}
-    times = {}
-    for name, update in (("student", student_update), ("aux", aux_update)):
-      times[name], dstate, metrics = timed_steps(lambda s, u=update: u(s, teacher_params, batch),
-                                                 dstate, args.steps, args.warmup)
-      report[f"{name}_update"] = {**step_report(times[name], 5 * fwd, tokens, matmul),
-                                  **compiled_info(update)}
-    # Peak memory is the process's so far: the distillation state is the larger one.
-    report.update(step_report((times["student"] + times["aux"]) / 2, 5 * fwd, tokens, matmul),
-                  **memory_stats(), gen_loss=float(metrics["gen_loss"]))
-    if args.profile:
+  start = time.perf_counter()
+  updates = dmmd_run.compile_updates(setup, dcfg, student_opt, aux_opt,
+                                     state_lib.shardings_of(dstate),
+                                     state_lib.shardings_of(teacher_params))
+  student_update, aux_update = (u.lower(dstate, teacher_params, batch).compile()
+                                for u in updates)
+  report = {"compile_s": time.perf_counter() - start, "student_steps": dcfg.student_steps,
+            "teacher_top_p": dcfg.teacher_top_p, "samples_per_z": dcfg.samples_per_z}
+  times = {}
+  for name, update in (("student", student_update), ("aux", aux_update)):
+    times[name], dstate, metrics = timed_steps(lambda s, u=update: u(s, teacher_params, batch),
+                                               dstate, args.steps, args.warmup)
+    report[f"{name}_update"] = {**step_report(times[name], 5 * fwd, tokens, matmul),
+                                **compiled_info(update)}
+  # Peak memory is the process's so far: the distillation state is the larger one.
+  report.update(step_report((times["student"] + times["aux"]) / 2, 5 * fwd, tokens, matmul),
+                **memory_stats(), gen_loss=float(metrics["gen_loss"]))
+  if args.profile:
 
-      def both_updates(s):
-        s, _ = student_update(s, teacher_params, batch)
-        return aux_update(s, teacher_params, batch)
+    def both_updates(s):
+      s, _ = student_update(s, teacher_params, batch)
+      return aux_update(s, teacher_params, batch)
 
-      report["profile"] = profile(both_updates, dstate, args)
+    report["profile"] = profile(both_updates, dstate, args)
   return report
 
 

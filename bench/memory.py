@@ -5,6 +5,7 @@ r"""Per-device memory and FLOPs of the base presets, compiled ahead of time on e
     python bench/memory.py --preset=text --meshes=1 --batch=8 --json=rows.jsonl  (and --batch=4)
     python bench/memory.py --fit_from=rows.jsonl
     python bench/memory.py --preset=large --meshes=fsdp8
+    python bench/memory.py --preset=text --meshes=d2f2t2 --vocab_multiple=128
 
 Nothing runs: every step is `jax.jit(step).lower(abstract arguments).compile()` on
 `--xla_force_host_platform_device_count=8` CPU devices, with parameters, optimizer states and
@@ -14,8 +15,9 @@ batches as `jax.ShapeDtypeStruct`s carrying their shardings (nothing is material
 compiled FLOPs of all devices against the analytic count:
 
     forward F = B · [L · (2·N_tok + 4·L·d·layers) + 2·N_seq]
-      N_tok: weights applied per token (12·d²·layers with mlp_ratio 4, the d·K logits, the noise
-      projection), N_seq: per-sequence weights (time MLP, adaLN), 4·L·d·layers: QKᵀ and AV.
+      N_tok: weights applied per token (12·d²·layers with mlp_ratio 4, the d·K logits with K
+      padded to --vocab_multiple, the noise projection), N_seq: per-sequence weights (time MLP,
+      adaLN), 4·L·d·layers: QKᵀ and AV.
     teacher step = 3F (forward + backward); D-MMD student update = 3F (student) + F (teacher)
       + F (auxiliary); auxiliary update = F (student) + F (teacher) + 3F (auxiliary).
 
@@ -61,6 +63,8 @@ _PRESET = flags.DEFINE_enum("preset", "text", ["text", "images", "large", "text_
 _MESHES = flags.DEFINE_list("meshes", ["1"], "Meshes: 1, data8, fsdp8, tensor8, d2f2t2, …")
 _STEPS = flags.DEFINE_list("steps", ["teacher", "student", "aux"], "Steps to compile.")
 _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat values.")
+_VOCAB_MULTIPLE = flags.DEFINE_integer(
+    "vocab_multiple", 1, "model.vocab_multiple (128: GPT-2's vocabulary splits over tensor axes).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Per-device batch (global = per-device × data×fsdp).")
 _FIT = flags.DEFINE_string("fit_from", "", "Instead of compiling: the largest per-device batch "
                            "under 80 / 16 GB from the one-device rows of this --json file.")
@@ -83,6 +87,7 @@ def load_config(preset: str, remat: str, global_batch: int):
   spec.loader.exec_module(module)
   config = module.get_config(size)
   config.model.remat = remat
+  config.model.vocab_multiple = _VOCAB_MULTIPLE.value
   config.train.batch_size = config.distill.batch_size = global_batch
   return config
 
@@ -165,7 +170,7 @@ def lower_distill(setup, global_batch, which: str):
 def forward_flops(cfg: denoiser.DenoiserConfig, batch: int, noise: bool) -> float:
   """Matmul FLOPs of one forward pass over `batch` sequences (see the module docstring)."""
   d, length, layers = cfg.width, cfg.seq_len, cfg.num_layers
-  per_token = layers * (4 + 2 * cfg.mlp_ratio) * d * d + d * cfg.vocab_size
+  per_token = layers * (4 + 2 * cfg.mlp_ratio) * d * d + d * cfg.padded_vocab_size
   per_token += cfg.noise_dim * d if noise and cfg.noise_kind != "none" else 0
   per_seq = d * d + d * cfg.cond_dim + layers * cfg.cond_dim * 6 * d + cfg.cond_dim * 2 * d
   return batch * (length * (2 * per_token + 4 * length * d * layers) + 2 * per_seq)
@@ -188,10 +193,9 @@ def measure(step: str, mesh_name: str, remat: str, per_device: int) -> dict:
   """Compiles one step; returns its per-device memory and FLOPs against the analytic count."""
   setup, global_batch = abstract_setup(_PRESET.value, mesh_name, remat, per_device)
   start = time.perf_counter()
-  with sharding.rules_context():
-    lowered = (lower_teacher(setup, global_batch) if step == "teacher"
-               else lower_distill(setup, global_batch, step))
-    compiled = lowered.compile()
+  lowered = (lower_teacher(setup, global_batch) if step == "teacher"
+             else lower_distill(setup, global_batch, step))
+  compiled = lowered.compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

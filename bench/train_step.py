@@ -69,46 +69,45 @@ def main(argv):
 
   optimizer = teacher_run.teacher_optimizer(config)
   state, shardings = teacher_run.init_teacher_state(setup, optimizer)
-  with sharding.rules_context():
-    step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
-    lib_s, state = timed(step, state, batch, _STEPS.value)
-    bare, opt = bare_step_fn(setup)
-    carry = (jax.tree.map(jnp.copy, state.params), opt.init(state.params), jax.random.key(0))
-    bare_s, _ = timed(bare, carry, batch, _STEPS.value)
-    print(f"teacher step   {lib_s * 1e3:8.1f} ms  {tokens / lib_s:10.0f} tokens/s")
-    print(f"bare-JAX step  {bare_s * 1e3:8.1f} ms  {tokens / bare_s:10.0f} tokens/s")
-    print(f"library / bare throughput ratio: {bare_s / lib_s:.3f} (goal >= 0.9)")
+  step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
+  lib_s, state = timed(step, state, batch, _STEPS.value)
+  bare, opt = bare_step_fn(setup)
+  carry = (jax.tree.map(jnp.copy, state.params), opt.init(state.params), jax.random.key(0))
+  bare_s, _ = timed(bare, carry, batch, _STEPS.value)
+  print(f"teacher step   {lib_s * 1e3:8.1f} ms  {tokens / lib_s:10.0f} tokens/s")
+  print(f"bare-JAX step  {bare_s * 1e3:8.1f} ms  {tokens / bare_s:10.0f} tokens/s")
+  print(f"library / bare throughput ratio: {bare_s / lib_s:.3f} (goal >= 0.9)")
 
-    cfg = setup_lib.estimator_config_of(config)
-    student_opt, aux_opt = dmmd_run.distill_optimizers(config)
-    dstate = dmmd_run.init_distill_state(state.ema_params, student_opt, aux_opt, setup.mesh,
-                                        jax.random.key(1), config.distill.noise_init_scale)
-    teacher = state.ema_params
-    student_update, aux_update = dmmd_run.compile_updates(
-        setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
-        state_lib.shardings_of(teacher))
-    student_s, dstate = timed(lambda s, b: student_update(s, teacher, b), dstate, batch,
-                              _STEPS.value)
-    aux_s, dstate = timed(lambda s, b: aux_update(s, teacher, b), dstate, batch, _STEPS.value)
-    print(f"student update {student_s * 1e3:8.1f} ms  ({student_s / lib_s:.2f}x teacher step)")
-    print(f"aux update     {aux_s * 1e3:8.1f} ms  ({aux_s / lib_s:.2f}x teacher step)")
+  cfg = setup_lib.estimator_config_of(config)
+  student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+  dstate = dmmd_run.init_distill_state(state.ema_params, student_opt, aux_opt, setup.mesh,
+                                      jax.random.key(1), config.distill.noise_init_scale)
+  teacher = state.ema_params
+  student_update, aux_update = dmmd_run.compile_updates(
+      setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
+      state_lib.shardings_of(teacher))
+  student_s, dstate = timed(lambda s, b: student_update(s, teacher, b), dstate, batch,
+                            _STEPS.value)
+  aux_s, dstate = timed(lambda s, b: aux_update(s, teacher, b), dstate, batch, _STEPS.value)
+  print(f"student update {student_s * 1e3:8.1f} ms  ({student_s / lib_s:.2f}x teacher step)")
+  print(f"aux update     {aux_s * 1e3:8.1f} ms  ({aux_s / lib_s:.2f}x teacher step)")
 
-    n = batch_size
-    sampler = functools.partial(sampling.sample, jax.random.key(0), setup.apply_fn)
-    noise_fn = dmmd_run.student_noise_fn(setup, cfg)
-    times = {}
-    for name, steps, params, nf in (("teacher", _T.value, teacher, None),
-                                    ("student", _K.value, dstate.student, noise_fn)):
-      scfg = sampling.SamplerConfig(steps=steps)
-      jax.block_until_ready(sampler(params, setup.kernel, scfg, n, length, nf))
-      start = time.perf_counter()
-      jax.block_until_ready(sampler(params, setup.kernel, scfg, n, length, nf))
-      times[name] = time.perf_counter() - start
-      print(f"{name} sampling, {steps} steps: {n / times[name]:8.2f} sequences/s")
-    speedup = times["teacher"] / times["student"]
-    goal = 0.8 * _T.value / _K.value
-    print(f"student k={_K.value} vs teacher T={_T.value}: {speedup:.1f}x faster "
-          f"(goal >= {goal:.1f})")
+  n = batch_size
+  sampler = functools.partial(sampling.sample, jax.random.key(0), setup.apply_fn)
+  noise_fn = dmmd_run.student_noise_fn(setup, cfg)
+  times = {}
+  for name, steps, params, nf in (("teacher", _T.value, teacher, None),
+                                  ("student", _K.value, dstate.student, noise_fn)):
+    scfg = sampling.SamplerConfig(steps=steps)
+    jax.block_until_ready(sampler(params, setup.kernel, scfg, n, length, nf))
+    start = time.perf_counter()
+    jax.block_until_ready(sampler(params, setup.kernel, scfg, n, length, nf))
+    times[name] = time.perf_counter() - start
+    print(f"{name} sampling, {steps} steps: {n / times[name]:8.2f} sequences/s")
+  speedup = times["teacher"] / times["student"]
+  goal = 0.8 * _T.value / _K.value
+  print(f"student k={_K.value} vs teacher T={_T.value}: {speedup:.1f}x faster "
+        f"(goal >= {goal:.1f})")
 
 
 if __name__ == "__main__":

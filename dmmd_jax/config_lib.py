@@ -82,6 +82,10 @@ class ModelConfig:
   attention_impl: str = "xla"
   remat: str = "none"  # activation checkpointing of the blocks (`models.denoiser.REMAT`)
   block_size: int = 0  # > 0: block-autoregressive (`models/blocks.py`); 0 or L: whole-sequence
+  # Embedding and output layer sized to the vocabulary rounded up to a multiple of this (e.g. 128:
+  # a tensor axis must split them evenly, and GPT-2's 50,257 is prime to 2); the padded classes
+  # are sliced off the logits, so every loss, sampler and metric sees the K real ones.
+  vocab_multiple: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,6 +427,8 @@ def validate(config) -> None:
       "distill.noise_lr_multiplier", "distill.diagnostic_buckets"), non_negative=(
       "train.warmup_steps", "train.eval_every", "train.sample_every", "distill.warmup_steps",
       "distill.eval_every", "distill.noise_init_scale", "model.block_size"))
+  _check(config.model.vocab_multiple > 0,
+         f"config.model.vocab_multiple must be positive, got {config.model.vocab_multiple}.")
   block, length = config.model.block_size, config.data.seq_len
   _check(not (block and length and length % block),
          f"model.block_size ({block}) must divide data.seq_len ({length}).")

@@ -2,12 +2,15 @@
 
 The same jitted step runs on one CPU (mesh 1×1×1) and on a pod. Parameters are created directly
 with their shardings (`init_sharded`), batches become global arrays from per-host shards
-(`global_batch`), and XLA inserts the collectives.
+(`global_batch`), activations are pinned to the batch split inside every jitted training step
+(`on_mesh`, `constrain`), and XLA inserts the collectives.
 
 Rule table (logical name → mesh axes):
     batch → (data, fsdp)   embed → fsdp   mlp / heads / vocab → tensor   the rest replicated
 """
 
+import contextvars
+import functools
 import math
 
 import flax.linen as nn
@@ -19,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from dmmd_jax import config_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
+_ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)  # see on_mesh
 
 
 LOGICAL_RULES = (
@@ -104,14 +108,35 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh):
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
-def rules_context():
-  """Context under which the denoiser's activation constraints use our logical-axis rules.
+def on_mesh(fn, mesh: Mesh):
+  """`fn` tracing under which `constrain` pins activations to `mesh`; jit this, not `fn`.
 
-  The jitted steps place parameters and batches with explicit NamedShardings; flax applies
-  `with_logical_constraint` only inside a global mesh context, which the steps do not enter, so
-  XLA's propagation decides activation layouts from the parameter and batch shardings.
+  The jitted steps place parameters and batches with explicit NamedShardings and enter no global
+  mesh, so flax's `with_logical_constraint` would be a no-op in them and XLA's propagation alone
+  would pick the activation layouts. It does not always pick the batch split: on an fsdp mesh it
+  may keep the embed split of the (fsdp-sharded) embedding table and run the networks on the
+  global batch instead (redundant attention and element-wise work on every device). Binding the
+  mesh here, per traced step, makes the model's constraints real without a global mesh.
   """
-  return nn.logical_axis_rules(LOGICAL_RULES)
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVATION_MESH.reset(token)
+
+  return traced
+
+
+def constrain(x, logical_axes: tuple):
+  """x with its layout fixed to `logical_axes` (names of LOGICAL_RULES, one per dimension) on the
+  mesh of the step being traced (`on_mesh`); x itself outside such a step."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, logical_axes, rules=LOGICAL_RULES, mesh=mesh)
 
 
 def host_rows(global_rows: np.ndarray) -> np.ndarray:

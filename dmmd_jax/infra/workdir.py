@@ -38,6 +38,11 @@ PATH_KEYS = ("path", "tfds_data_dir", "cache_dir")
 COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
 
 
+# Keys added after runs were stored, with the value every earlier run had: a stored config without
+# one compares as that value (model.vocab_multiple 1: no padding).
+ADDED_KEYS = {"model.vocab_multiple": 1}
+
+
 class WorkdirError(ValueError):
   """A workdir that cannot be used as asked."""
 
@@ -74,11 +79,11 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
   for section in ARCHITECTURE_SECTIONS:
     a, b = stored.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
-      same = a.get(key) == b.get(key) or (
-          key in PATH_KEYS and _norm(a.get(key)) == _norm(b.get(key)))
       name = f"{section}.{key}"
+      old = a.get(key, ADDED_KEYS.get(name))
+      same = old == b.get(key) or (key in PATH_KEYS and _norm(old) == _norm(b.get(key)))
       if not same and name not in ignore and name not in COMPUTE_ONLY_KEYS:
-        return f"{section}.{key}: stored {a.get(key)!r}, now {b.get(key)!r}"
+        return f"{section}.{key}: stored {old!r}, now {b.get(key)!r}"
   return None
 
 

@@ -130,7 +130,8 @@ def field_mismatches(kind: str, stored_config: dict, config: dict, stored_info: 
   fingerprint; a teacher location that differs does not count when both name the same teacher
   run id.
   """
-  old, new = _flatten(stored_config), _flatten(config)
+  new = _flatten(config)
+  old = {**{k: v for k, v in workdir_lib.ADDED_KEYS.items() if k in new}, **_flatten(stored_config)}
   out = []
   for key in _defining_keys(kind, old, new):
     if _same_value(key, old.get(key), new.get(key)):

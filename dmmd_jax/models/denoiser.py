@@ -10,6 +10,10 @@ Flax linen, because every network here is used as a pure function of a parameter
 student and auxiliary are three pytrees over one `apply`. Parameters carry logical axis names
 (`embed`, `mlp`, `heads`, `kv`, `vocab`, `cond`) that `sharding.py` maps onto a device mesh.
 
+The embedding table and the output layer may be padded to a multiple of `vocab_multiple` rows /
+columns (a tensor axis then splits them evenly); the padded logits are sliced off in
+`Transformer`, so nothing downstream ever sees a padded class.
+
 Masked parametrisation (MDLM/MD4) lives in `apply`: the output covers the K data tokens only (MASK
 is never predicted) and positions whose input is not MASK copy their token through.
 
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 
 from dmmd_jax import config_lib
 from dmmd_jax.diffusion import forward_process
+from dmmd_jax.infra import sharding
 from dmmd_jax.models import block_attention
 
 # Activation checkpointing of the Transformer blocks: "block" keeps only each block's input and
@@ -58,10 +63,25 @@ class DenoiserConfig:
   attention_impl: str = "xla"  # or "cudnn" on NVIDIA GPUs
   remat: str = "none"  # activation checkpointing of the blocks: a key of REMAT
   block_size: int = 0  # > 0: block-autoregressive (blocks.py); 0: whole-sequence
+  vocab_multiple: int = 1  # embedding rows and logits padded to multiples of this (sliced off)
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Output width of the logits layer: K rounded up to a multiple of vocab_multiple."""
+    return _round_up(self.vocab_size, self.vocab_multiple)
+
+  @property
+  def padded_input_vocab_size(self) -> int:
+    """Rows of the embedding table: the input vocabulary rounded up to vocab_multiple."""
+    return _round_up(self.input_vocab_size, self.vocab_multiple)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 def rotary(x, positions):
@@ -155,7 +175,7 @@ class Block(nn.Module):
     h = _dense(cfg.mlp_ratio * cfg.width, ("embed", "mlp"), "mlp_in", dt)(h)
     h = _dense(cfg.width, ("mlp", "embed"), "mlp_out", dt)(nn.gelu(h))
     x = x + _per_position(gate2, x.shape[1]) * h
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), (k, v)
+    return sharding.constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
 def _attention_impl(cfg):
@@ -179,7 +199,7 @@ class Transformer(nn.Module):
                kv_only=False, two_stream_block=0):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     emb = nn.Embed(
-        cfg.input_vocab_size, cfg.width, param_dtype=jnp.float32, name="embed",
+        cfg.padded_input_vocab_size, cfg.width, param_dtype=jnp.float32, name="embed",
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = emb(tokens).astype(dt)
@@ -189,7 +209,7 @@ class Transformer(nn.Module):
       proj = _dense(cfg.width, ("noise", "embed"), "noise_proj", dt, zero=True)
       n = noise.shape[1]
       x = jnp.concatenate([x[:, :n] + proj(noise.astype(dt)), x[:, n:]], axis=1)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
     if not cfg.time_conditioning:
       t = jnp.zeros_like(t)
@@ -215,8 +235,8 @@ class Transformer(nn.Module):
                                     zero=True)(cond), 2, axis=-1)
     x = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, dtype=dt, name="final_norm")(x),
                   shift, scale)
-    logits = _dense(cfg.vocab_size, ("embed", "vocab"), "logits", dt)(x)
-    return logits.astype(jnp.float32)
+    logits = _dense(cfg.padded_vocab_size, ("embed", "vocab"), "logits", dt)(x)
+    return logits[..., :cfg.vocab_size].astype(jnp.float32)  # the padded classes never exist
 
 
 def _block_class(remat: str):
@@ -304,6 +324,7 @@ def validate_config(cfg: DenoiserConfig) -> None:
       (cfg.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
       (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl must be 'xla' or 'cudnn'"),
       (cfg.remat in REMAT, f"model.remat must be one of {tuple(REMAT)}, got {cfg.remat!r}"),
+      (cfg.vocab_multiple > 0, f"model.vocab_multiple must be positive, got {cfg.vocab_multiple}"),
       (cfg.block_size >= 0 and (cfg.block_size == 0 or cfg.seq_len % cfg.block_size == 0),
        f"model.block_size ({cfg.block_size}) must divide the sequence length ({cfg.seq_len})"),
   ]

@@ -197,7 +197,8 @@ def score_apply_fn(setup):
 
 def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shardings,
                     teacher_shardings):
-  """The two jitted updates (student, auxiliary), sharded over the batch."""
+  """The two jitted updates (student, auxiliary), sharded over the batch: the three networks'
+  activations are pinned to the batch split (`sharding.on_mesh`) like the teacher step's."""
   c = setup.config
   cfg = dataclasses.replace(cfg, context=setup.is_block)
   estimator = functools.partial(dmmd.moment_matching_estimator, apply_fn=setup.apply_fn,
@@ -209,7 +210,8 @@ def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shar
   out = (shardings, sharding.replicated(setup.mesh))
 
   def jit(fn):
-    return jax.jit(fn, in_shardings=(shardings, teacher_shardings, batch), out_shardings=out,
+    return jax.jit(sharding.on_mesh(fn, setup.mesh),
+                   in_shardings=(shardings, teacher_shardings, batch), out_shardings=out,
                    donate_argnums=0)
 
   student_update = jit(functools.partial(_update, "gen_loss", "student", optimizer=student_opt,
@@ -251,33 +253,32 @@ def distill_student(config, workdir: str) -> dict:
   state = loop.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
 
-  with sharding.rules_context():
-    student_update, aux_update = compile_updates(setup, cfg, student_opt, aux_opt, shardings,
-                                                 state_lib.shardings_of(teacher))
+  student_update, aux_update = compile_updates(setup, cfg, student_opt, aux_opt, shardings,
+                                               state_lib.shardings_of(teacher))
 
-    def step_fn(state, batch, index):
-      turn = is_student_turn(index, d.aux_updates_per_student)
-      return (student_update if turn else aux_update)(state, teacher, batch)
+  def step_fn(state, batch, index):
+    turn = is_student_turn(index, d.aux_updates_per_student)
+    return (student_update if turn else aux_update)(state, teacher, batch)
 
-    diagnose = jax.jit(functools.partial(
-        diagnostics.diagnose_student, apply_fn=setup.apply_fn,
-        score_apply_fn=score_apply_fn(setup), kernel=setup.kernel, cfg=cfg,
-        noise_fn=student_noise_fn(setup, cfg), num_buckets=d.diagnostic_buckets))
-    held_out = jnp.asarray(setup.eval_tokens[:max(d.eval_samples, d.diagnostic_buckets)])
+  diagnose = jax.jit(functools.partial(
+      diagnostics.diagnose_student, apply_fn=setup.apply_fn,
+      score_apply_fn=score_apply_fn(setup), kernel=setup.kernel, cfg=cfg,
+      noise_fn=student_noise_fn(setup, cfg), num_buckets=d.diagnostic_buckets))
+  held_out = jnp.asarray(setup.eval_tokens[:max(d.eval_samples, d.diagnostic_buckets)])
 
-    def evaluate(state, step):
-      metrics = evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
-      per_bucket = jax.device_get(diagnose(state.student, state.aux, teacher, held_out,
-                                           jax.random.key(step)))
-      for name, values in per_bucket.items():
-        metrics.update({f"{name}/b{b}": float(v) for b, v in enumerate(values)})
-      return metrics
+  def evaluate(state, step):
+    metrics = evaluate_student(setup, state.student_ema, cfg, d.eval_samples, step)
+    per_bucket = jax.device_get(diagnose(state.student, state.aux, teacher, held_out,
+                                         jax.random.key(step)))
+    for name, values in per_bucket.items():
+      metrics.update({f"{name}/b{b}": float(v) for b, v in enumerate(values)})
+    return metrics
 
-    state = loop.run_loop(
-        state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
-        num_steps=d.num_steps, log_every=d.log_every, checkpoint_every=d.checkpoint_every,
-        mesh=setup.mesh, tokens_per_step=d.batch_size * setup.seq_len,
-        periodic=((d.eval_every, evaluate),), desc=f"distill k={d.student_steps}")
+  state = loop.run_loop(
+      state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
+      num_steps=d.num_steps, log_every=d.log_every, checkpoint_every=d.checkpoint_every,
+      mesh=setup.mesh, tokens_per_step=d.batch_size * setup.seq_len,
+      periodic=((d.eval_every, evaluate),), desc=f"distill k={d.student_steps}")
   log.close()
   manager.close()
   return {"step": int(state.step)}

@@ -120,8 +120,9 @@ def compile_update(setup: setup_lib.Setup, optimizer, shardings):
   c = setup.config
   loss_fn = functools.partial(sdtt.sdtt_loss, apply_fn=setup.apply_fn, kernel=setup.kernel,
                               grid=c.sample.grid)
-  return jax.jit(functools.partial(sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
-                                   ema_decay=c.distill.ema_decay, seed=c.seed),
+  update = functools.partial(sdtt_update, loss_fn=loss_fn, optimizer=optimizer,
+                             ema_decay=c.distill.ema_decay, seed=c.seed)
+  return jax.jit(sharding.on_mesh(update, setup.mesh),
                  in_shardings=(shardings, sharding.batch_sharding(setup.mesh), None),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
@@ -157,12 +158,11 @@ def distill_sdtt(config, workdir: str, start_steps: int = 0) -> dict:
     state, metrics = update(state, batch, np.int32(schedule[index // d.num_steps]))
     return state, dict(metrics, round=index // d.num_steps)
 
-  with sharding.rules_context():
-    state = loop.run_loop(
-        state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
-        num_steps=d.num_steps * len(schedule), log_every=d.log_every,
-        checkpoint_every=d.checkpoint_every, mesh=setup.mesh,
-        tokens_per_step=d.batch_size * setup.seq_len, desc=f"sdtt {start_steps}→{d.student_steps}")
+  state = loop.run_loop(
+      state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
+      num_steps=d.num_steps * len(schedule), log_every=d.log_every,
+      checkpoint_every=d.checkpoint_every, mesh=setup.mesh,
+      tokens_per_step=d.batch_size * setup.seq_len, desc=f"sdtt {start_steps}→{d.student_steps}")
   log.close()
   manager.close()
   return {"step": int(state.step), "rounds": len(schedule)}

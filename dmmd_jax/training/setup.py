@@ -65,7 +65,8 @@ def denoiser_config_of(config: config_lib.ExperimentConfig, kernel: forward_proc
       noise_dim=m.noise_dim if m.noise_kind != "none" else 0,
       image_shape=tuple(image_shape or ()), pyramid_levels=m.pyramid_levels,
       attention_impl=m.attention_impl, remat=m.remat,
-      block_size=0 if m.block_size == seq_len else m.block_size)  # one block = whole-sequence
+      block_size=0 if m.block_size == seq_len else m.block_size,  # one block = whole-sequence
+      vocab_multiple=m.vocab_multiple)
 
 
 def sampler_config_of(config: config_lib.ExperimentConfig, steps: int | None = None,

@@ -70,7 +70,8 @@ def compile_teacher_step(setup: setup_lib.Setup, optimizer, shardings):
       teacher_step, apply_fn=setup.apply_fn, kernel=setup.kernel, optimizer=optimizer,
       ema_decay=c.train.ema_decay, uniform_elbo_steps=c.train.uniform_elbo_steps, seed=c.seed,
       continuous_time=c.train.uniform_continuous_time, context=setup.is_block)
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
+  return jax.jit(sharding.on_mesh(step, setup.mesh),
+                 in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
 
 
@@ -122,19 +123,18 @@ def train_teacher(config, workdir: str) -> dict:
       render.dump_samples(setup.info, tokens, f"{workdir}/samples/step_{step}")
     return {}
 
-  with sharding.rules_context():
-    compiled = compile_teacher_step(setup, optimizer, shardings)
+  compiled = compile_teacher_step(setup, optimizer, shardings)
 
-    def step_fn(state, batch, index):
-      del index  # every update is the same
-      return compiled(state, batch)
+  def step_fn(state, batch, index):
+    del index  # every update is the same
+    return compiled(state, batch)
 
-    state = loop.run_loop(
-        state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
-        num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-        mesh=setup.mesh, tokens_per_step=t.batch_size * setup.seq_len,
-        periodic=((t.eval_every, evaluate), (t.sample_every, samples)), desc="teacher")
-    final = {"step": int(state.step), **evaluate(state, int(state.step))}
+  state = loop.run_loop(
+      state=state, step_fn=step_fn, iterator=iterator, manager=manager, log=log,
+      num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+      mesh=setup.mesh, tokens_per_step=t.batch_size * setup.seq_len,
+      periodic=((t.eval_every, evaluate), (t.sample_every, samples)), desc="teacher")
+  final = {"step": int(state.step), **evaluate(state, int(state.step))}
   log.write(final["step"], {"final_eval_bpt": final["eval_bpt"]})
   log.close()
   manager.close()

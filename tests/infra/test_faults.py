@@ -265,6 +265,18 @@ def test_paths_are_compared_normalised_and_moved_data_does_not_block(tmp_path):
   assert workdir_lib.architecture_mismatch(stored, same, ignore=("data.cache_dir",)) is None
 
 
+def test_configs_stored_before_a_key_existed_compare_as_its_default():
+  """Runs stored before model.vocab_multiple existed had no padding: they match 1, not 128."""
+  stored = {"seed": 0, "model": {"width": 8}}
+  same = {"seed": 0, "model": {"width": 8, "vocab_multiple": 1}}
+  padded = {"seed": 0, "model": {"width": 8, "vocab_multiple": 128}}
+  assert workdir_guard.field_mismatches("teacher", stored, same, {}, {}) == []
+  assert workdir_lib.architecture_mismatch(stored, same) is None
+  assert workdir_guard.field_mismatches("teacher", stored, padded, {}, {}) == [
+      ("model.vocab_multiple", 1, 128)]
+  assert "model.vocab_multiple" in workdir_lib.architecture_mismatch(stored, padded)
+
+
 def test_data_fingerprint_is_content_only():
   a = np.arange(12, dtype=np.int32).reshape(3, 4)
   assert workdir_guard.data_fingerprint(a, a[:1]) == workdir_guard.data_fingerprint(a.copy(),

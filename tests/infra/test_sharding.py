@@ -55,49 +55,48 @@ def run(shape):
   setup = dataclasses.replace(base, mesh=mesh)
   sharding.check_divisibility(mesh, 8, setup.model_cfg.width)
   out = {}
-  with sharding.rules_context():
-    optimizer = teacher_run.teacher_optimizer(config)
-    state, shardings = teacher_run.init_teacher_state(setup, optimizer)
-    kernel = state.params["block_0"]["mlp_in"]["kernel"]
-    out["spec"] = [str(a) for a in kernel.sharding.spec]
-    out["shard_shape"] = list(kernel.addressable_shards[0].data.shape)
-    out["embed_shard_shape"] = list(
-        state.params["embed"]["embedding"].addressable_shards[0].data.shape)
-    out["init"] = host(state.params)
-    teacher = jax.tree.map(jnp.copy, state.params)
-    step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
-    state, metrics = step(state, sharding.global_batch(rows[:8], mesh))
-    out["teacher_metrics"] = host(metrics)
-    out["teacher_params"] = host(state.params)
+  optimizer = teacher_run.teacher_optimizer(config)
+  state, shardings = teacher_run.init_teacher_state(setup, optimizer)
+  kernel = state.params["block_0"]["mlp_in"]["kernel"]
+  out["spec"] = [str(a) for a in kernel.sharding.spec]
+  out["shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+  out["embed_shard_shape"] = list(
+      state.params["embed"]["embedding"].addressable_shards[0].data.shape)
+  out["init"] = host(state.params)
+  teacher = jax.tree.map(jnp.copy, state.params)
+  step = teacher_run.compile_teacher_step(setup, optimizer, shardings)
+  state, metrics = step(state, sharding.global_batch(rows[:8], mesh))
+  out["teacher_metrics"] = host(metrics)
+  out["teacher_params"] = host(state.params)
 
-    student_opt, aux_opt = dmmd_run.distill_optimizers(config)
-    dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
-                                        config.distill.noise_init_scale)
-    cfg = setup_lib.estimator_config_of(config)
-    student_update, aux_update = dmmd_run.compile_updates(
-        setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
-        state_lib.shardings_of(teacher))
-    aux_metrics, student_metrics = {}, {}
-    if with_distill:
-      dstate, aux_metrics = aux_update(dstate, teacher, sharding.global_batch(rows[:8], mesh))
-      # After the auxiliary moved, so that the student gradient is not zero.
-      dstate, student_metrics = student_update(dstate, teacher,
-                                               sharding.global_batch(rows[8:16], mesh))
-    out["aux_metrics"] = host(aux_metrics)
-    out["student_metrics"] = host(student_metrics)
-    sdtt_metrics = {}
-    if with_distill:  # the SDTT baseline: a new round (optimizer state re-born sharded), one update
-      sdtt_opt = sdtt_run.sdtt_optimizer(config)
-      sstate = sdtt_run.init_sdtt_state(teacher, sdtt_opt, mesh)
-      sstate = sdtt_run.start_round(sstate, sdtt_opt, mesh)
-      sdtt_update = sdtt_run.compile_update(setup, sdtt_opt, state_lib.shardings_of(sstate))
-      sstate, sdtt_metrics = sdtt_update(sstate, sharding.global_batch(rows[:8], mesh),
-                                         np.int32(8))
-      out["sdtt_student"] = host(sstate.student)
-    out["sdtt_metrics"] = host(sdtt_metrics)
-    out["aux"], out["student"] = host(dstate.aux), host(dstate.student)
-    out["student_noise_shard_shape"] = list(
-        dstate.student["block_0"]["qkv"]["kernel"].addressable_shards[0].data.shape)
+  student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+  dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
+                                      config.distill.noise_init_scale)
+  cfg = setup_lib.estimator_config_of(config)
+  student_update, aux_update = dmmd_run.compile_updates(
+      setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
+      state_lib.shardings_of(teacher))
+  aux_metrics, student_metrics = {}, {}
+  if with_distill:
+    dstate, aux_metrics = aux_update(dstate, teacher, sharding.global_batch(rows[:8], mesh))
+    # After the auxiliary moved, so that the student gradient is not zero.
+    dstate, student_metrics = student_update(dstate, teacher,
+                                             sharding.global_batch(rows[8:16], mesh))
+  out["aux_metrics"] = host(aux_metrics)
+  out["student_metrics"] = host(student_metrics)
+  sdtt_metrics = {}
+  if with_distill:  # the SDTT baseline: a new round (optimizer state re-born sharded), one update
+    sdtt_opt = sdtt_run.sdtt_optimizer(config)
+    sstate = sdtt_run.init_sdtt_state(teacher, sdtt_opt, mesh)
+    sstate = sdtt_run.start_round(sstate, sdtt_opt, mesh)
+    sdtt_update = sdtt_run.compile_update(setup, sdtt_opt, state_lib.shardings_of(sstate))
+    sstate, sdtt_metrics = sdtt_update(sstate, sharding.global_batch(rows[:8], mesh),
+                                       np.int32(8))
+    out["sdtt_student"] = host(sstate.student)
+  out["sdtt_metrics"] = host(sdtt_metrics)
+  out["aux"], out["student"] = host(dstate.aux), host(dstate.student)
+  out["student_noise_shard_shape"] = list(
+      dstate.student["block_0"]["qkv"]["kernel"].addressable_shards[0].data.shape)
   return out
 
 results = {shape: run(shape) for shape in MESHES}
@@ -147,6 +146,51 @@ report["errors"] = errors
 with open(out_path, "w") as f:
   json.dump(report, f, indent=1)
 '''
+
+
+# Per-device FLOPs of the compiled (not run) D-MMD updates: the digits `tiny` setup (1 layer of
+# width 64) at 4 sequences per device, on one device and on a (1, 8, 1) fsdp mesh.
+FLOPS_WORKER = r"""
+import dataclasses, json, sys
+import jax, jax.numpy as jnp
+cache, tests_dir, out_path = sys.argv[1:4]
+if cache:
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+sys.path.insert(0, tests_dir)
+import _helpers
+from dmmd_jax.infra import sharding
+from dmmd_jax.training import dmmd_run, teacher_run
+from dmmd_jax.training import setup as setup_lib
+from dmmd_jax.training import state as state_lib
+
+config = _helpers.make_config("digits", "tiny", **{"model.num_layers": 1, "model.width": 64})
+base = setup_lib.build_setup(config, 32)
+
+def flops(compiled):
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+def per_device_flops(shape):
+  devices = jax.devices()[:shape[0] * shape[1]]
+  mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), devices=devices)
+  setup = dataclasses.replace(base, mesh=mesh)
+  batch = jax.ShapeDtypeStruct((4 * len(devices), setup.seq_len), jnp.int32,
+                               sharding=sharding.batch_sharding(mesh))
+  optimizer = teacher_run.teacher_optimizer(config)
+  state, _ = teacher_run.init_teacher_state(setup, optimizer)
+  student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+  dstate = dmmd_run.init_distill_state(state.params, student_opt, aux_opt, mesh,
+                                      jax.random.key(1), config.distill.noise_init_scale)
+  updates = dmmd_run.compile_updates(setup, setup_lib.estimator_config_of(config), student_opt,
+                                     aux_opt, state_lib.shardings_of(dstate),
+                                     state_lib.shardings_of(state.params))
+  return {name: flops(update.lower(dstate, state.params, batch).compile())
+          for name, update in zip(("student", "aux"), updates, strict=True)}
+
+with open(out_path, "w") as f:
+  json.dump({"1": per_device_flops((1, 1, 1)), "fsdp8": per_device_flops((1, 8, 1))}, f)
+"""
 
 
 def _run_worker(tmp, meshes, with_distill):
@@ -224,6 +268,24 @@ def test_parameters_are_sharded_over_fsdp(mesh_reports, shape):
   assert got["shard_shape"] == [32 // fsdp, 128]  # width 32, mlp 4 × 32
   assert got["embed_shard_shape"] == [18, 32 // fsdp]  # 17 levels + MASK
   assert got["qkv_shard_shape"][0] == 32 // fsdp
+
+
+def test_fsdp_distillation_updates_split_the_work_over_devices(tmp_path):
+  """On an fsdp mesh each device computes its own share of the batch: the compiled per-device
+  FLOPs of both D-MMD updates at 4 sequences per device equal one device's at 4 sequences (within
+  15%). Regression: without the activation constraints bound by `sharding.on_mesh`, XLA ran the
+  networks on the global batch, contracting over the fsdp-split width (auxiliary update: 1.90×
+  one device's FLOPs per device at this size)."""
+  script, out = tmp_path / "flops_worker.py", tmp_path / "flops.json"
+  script.write_text(FLOPS_WORKER)
+  env = _helpers.cache_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                            "JAX_PLATFORMS": "cpu"})
+  proc = _helpers.run_python([script, env.get("DMMD_JAX_COMPILATION_CACHE", ""),
+                              _helpers.REPO / "tests", out], env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  got = json.loads(out.read_text())
+  ratios = {step: got["fsdp8"][step] / got["1"][step] for step in got["1"]}
+  assert all(0.85 < r < 1.15 for r in ratios.values()), ratios
 
 
 def test_divisibility_errors_on_a_real_mesh(mesh_reports):

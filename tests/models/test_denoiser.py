@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from dmmd_jax.diffusion import forward_process, sampling
 from dmmd_jax.models import denoiser
 
 K = 5  # data tokens; MASK = K for the masked configs
@@ -267,6 +268,7 @@ def test_validate_config_accepts_valid_configs():
      "pyramid_levels"),
     (dict(dtype="float16"), "dtype"),
     (dict(attention_impl="flash"), "attention_impl"),
+    (dict(vocab_multiple=0), "vocab_multiple"),
 ])
 def test_validate_config_errors(change, match):
   with pytest.raises(ValueError, match=match):
@@ -307,3 +309,33 @@ def test_parameters_carry_logical_partitioning():
   assert block["mlp_in"]["kernel"] == P("embed", "mlp")
   assert block["mlp_out"]["kernel"] == P("mlp", "embed")
   assert sum("embed" in s for s in spec_leaves) > len(spec_leaves) // 2
+
+
+PADDED = dataclasses.replace(MASKED, vocab_multiple=4)  # K = 5 logits → 8, 6 embedding rows → 8
+
+
+def test_vocabulary_padding_leaves_the_real_classes_unchanged():
+  """model.vocab_multiple pads the embedding table and the output layer (so a tensor axis splits
+  them evenly) and slices the padded classes off the logits: a padded network whose real rows
+  and columns are copied into an unpadded one gives the same log-probabilities over the K
+  classes, whatever its padded weights, and the sampler never draws a padded id."""
+  padded = unboxed_params(PADDED)
+  assert padded["embed"]["embedding"].shape == (8, 32)
+  assert padded["logits"]["kernel"].shape == (32, 8)
+  padded = perturb(live_params(PADDED), "logits", 3)
+  padded["logits"]["bias"] = padded["logits"]["bias"].at[K:].set(1e4)  # huge padded logits
+  plain = dict(padded, embed={"embedding": padded["embed"]["embedding"][:K + 1]},
+               logits={"kernel": padded["logits"]["kernel"][:, :K],
+                       "bias": padded["logits"]["bias"][:K]})
+  tokens, t = random_tokens(0, MASKED, mask_frac=0.7), times(0.2, 0.5, 0.9)
+  noise = sample_noise(jax.random.key(1), MASKED, BATCH)
+  got = apply(padded, tokens, t, noise, cfg=PADDED)
+  want = apply(plain, tokens, t, noise, cfg=MASKED)
+  assert got.shape == (BATCH, LENGTH, K)
+  np.testing.assert_allclose(jax.nn.log_softmax(got), jax.nn.log_softmax(want), atol=1e-6)
+
+  kernel = forward_process.ForwardProcess("masked", K)
+  samples = sampling.sample(jax.random.key(2), functools.partial(denoiser.apply, cfg=PADDED),
+                            padded, kernel, sampling.SamplerConfig(steps=4, float64=False), 64,
+                            LENGTH)
+  assert samples.shape == (64, LENGTH) and 0 <= int(samples.min()) and int(samples.max()) < K
