@@ -8,23 +8,21 @@ Trains (or resumes) the block teacher of --config, the reference LM (configs/ref
 --reference_lm preset, on the teacher's data) and one D-MMD student per seed at k steps per
 block, then scores, for every seed s, the student at k and the teacher at k and at
 --teacher_steps (default 256 per block) with sampling seed s against the same held-out rows
-(gen_ppl, gm, entropy). Paired differences per seed, student − teacher, are summarised as
-mean ± standard error over the seeds. Verdicts (lower is better for gen_ppl and gm): "better"
-/ "worse" when the mean difference exceeds 2 SE, else "unresolved". Writes OUTPUT/rows.csv (one
-row per seed, model and steps) and OUTPUT/summary.json (the differences and verdicts).
+(gen_ppl, gm, entropy). Paired differences per seed, student − teacher, with their paired
+standard errors and verdicts come from `evaluation.paired` (lower is better for gen_ppl and gm;
+higher for entropy, the collapse diagnostic). Writes OUTPUT/rows.csv (one row per seed, model
+and steps) and OUTPUT/summary.json (`paired.Paired.row()` per comparison and metric).
 """
 
 import csv
 import json
-import math
 import os
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from dmmd_jax import cli, config_lib, main_job
-from dmmd_jax.evaluation import compare, registry
+from dmmd_jax.evaluation import compare, paired, registry
 from dmmd_jax.models import reference_lm
 from dmmd_jax.training import dmmd_run, reference_lm_run, teacher_run, trained_model
 
@@ -39,8 +37,8 @@ _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 256, "The teacher's many 
 _NUM = flags.DEFINE_integer("num_samples", 256, "Samples per (seed, model, steps).")
 _OUTPUT = flags.DEFINE_string("output", "results/block_table3", "Where rows.csv, summary.json go.")
 
-METRICS = ("gen_ppl", "gm", "entropy")
-LOWER_IS_BETTER = ("gen_ppl", "gm")
+LOWER_IS_BETTER = {"gen_ppl": True, "gm": True, "entropy": False}
+METRICS = tuple(LOWER_IS_BETTER)
 
 
 def train_all(config, ref_config, workdir: str, seeds, k: int):
@@ -71,35 +69,18 @@ def score_seeds(teacher, students, lm, k: int, teacher_steps: int, num_samples: 
   return out
 
 
-def mean_se(values) -> tuple:
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
-
-
-def verdict(metric: str, mean: float, se: float) -> str:
-  """"better" / "worse" for the student when |mean| > 2 SE (lower is better), else unresolved."""
-  if metric not in LOWER_IS_BETTER or abs(mean) <= 2 * se:
-    return "unresolved" if metric in LOWER_IS_BETTER else "n/a"
-  return "better" if mean < 0 else "worse"
-
-
-def paired_differences(rows, k: int, teacher_steps: int) -> dict:
-  """{"student@k - teacher@s": {metric: {mean, se, per_seed, verdict}}} for s = k, teacher_steps."""
-  def value(seed, kind, steps, metric):
-    return next(r[metric] for r in rows
-                if (r["seed"], r["kind"], r["steps"]) == (seed, kind, steps))
-
+def paired_differences(rows, k: int, teacher_steps: int) -> list:
+  """`paired.Paired.row()`s: student@k (A) vs teacher@s (B), s = k and teacher_steps."""
   seeds = sorted({r["seed"] for r in rows})
-  summary = {}
-  for steps in (k, teacher_steps):
-    entry = {}
-    for metric in METRICS:
-      diffs = [value(s, "student", k, metric) - value(s, "teacher", steps, metric) for s in seeds]
-      mean, se = mean_se(diffs)
-      entry[metric] = {"mean": mean, "se": se, "per_seed": diffs,
-                       "verdict": verdict(metric, mean, se)}
-    summary[f"student@{k} - teacher@{steps}"] = entry
-  return summary
+
+  def values(kind, steps, metric):
+    by_seed = {r["seed"]: r[metric] for r in rows if (r["kind"], r["steps"]) == (kind, steps)}
+    return [by_seed[s] for s in seeds]
+
+  return [paired.compare(metric, f"student@{k}", values("student", k, metric),
+                         f"teacher@{steps}", values("teacher", steps, metric),
+                         LOWER_IS_BETTER[metric]).row()
+          for steps in (k, teacher_steps) for metric in METRICS]
 
 
 def write(rows, summary, output: str) -> None:
@@ -128,9 +109,9 @@ def run():
                      _TEACHER_STEPS.value, _NUM.value)
   summary = paired_differences(rows, _K.value, _TEACHER_STEPS.value)
   write(rows, summary, _OUTPUT.value)
-  for name, entry in summary.items():
-    print(name + ": " + ", ".join(f"{m} {v['mean']:+.4g} ± {v['se']:.2g} ({v['verdict']})"
-                                  for m, v in entry.items()))
+  for r in summary:
+    print(f"{r['a']} - {r['b']}: {r['metric']} {r['diff']:+.4g} ± {r['se']:.2g} ({r['verdict']}, "
+          f"A at least as good: {r['at_least_as_good']})")
 
 
 def main(argv):
