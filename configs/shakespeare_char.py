@@ -8,7 +8,8 @@ r"""Shakespeare's complete works, character level (84 symbols), masked diffusion
 
 Presets: tiny (seconds, tests), small (2 CPU cores, minutes), base (GPU/TPU, ≈170M, 1024 chars).
 Block-autoregressive (blocks.py): block_tiny (tests), block (256 characters in blocks of 32,
-2 CPU cores); sample.steps and distill.student_steps are then per block:
+2 CPU cores), block_small (64 in blocks of 32, bench/block_table3.py); sample.steps and
+distill.student_steps are then per block:
 
     python experiments/train_teacher.py --config=configs/shakespeare_char.py:block \
         --workdir=runs/shk_block_teacher
@@ -48,6 +49,17 @@ SIZES = {
               "distill.batch_size": 16, "distill.num_steps": 400, "distill.learning_rate": 3e-4,
               "distill.aux_learning_rate": 3e-4, "distill.checkpoint_every": 200,
               "distill.log_every": 25},
+    # bench/block_table3.py: 64 characters in blocks of 32, a 2-layer network (teacher, reference
+    # LM, 3 students and the evaluation: 60 min on the 2-core VM at load average 8–10).
+    "block_small": {"data.seq_len": 64, "model.block_size": 32, "model.num_layers": 2,
+                    "model.width": 128, "model.num_heads": 4, "model.cond_dim": 64,
+                    "model.noise_dim": 16, "train.batch_size": 32, "train.num_steps": 1200,
+                    "train.learning_rate": 2e-3, "train.warmup_steps": 100,
+                    "train.eval_every": 400, "train.checkpoint_every": 400,
+                    "train.ema_decay": 0.99, "sample.steps": 32, "distill.batch_size": 16,
+                    "distill.num_steps": 300, "distill.learning_rate": 3e-4,
+                    "distill.aux_learning_rate": 3e-4, "distill.checkpoint_every": 150,
+                    "distill.log_every": 25, "distill.student_steps": 4},
 }
 
 

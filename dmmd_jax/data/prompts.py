@@ -78,6 +78,13 @@ def _encode(tokenizer, text: str) -> np.ndarray:
     raise PromptError(f"the prompt does not fit the model's vocabulary: {e}") from None
 
 
+def from_tokens(tokens) -> Prompt:
+  """A prompt fixing every position of int tokens `[n]` (one for all samples) or `[N, n]` (one
+  per sample, e.g. the first n tokens of N held-out rows)."""
+  tokens = np.asarray(tokens)
+  return Prompt(tokens.astype(np.int64), np.ones(tokens.shape, bool))
+
+
 def from_token_file(path: str) -> Prompt:
   """A `.npy` file of int tokens `[n]` or `[N, n]` (all positions fixed)."""
   if not os.path.exists(path):
@@ -89,7 +96,7 @@ def from_token_file(path: str) -> Prompt:
   if tokens.ndim not in (1, 2) or not np.issubdtype(tokens.dtype, np.integer) or not tokens.size:
     raise PromptError(f"{path} must hold a non-empty integer array [n] or [N, n]; got "
                       f"{tokens.dtype} {tokens.shape}.")
-  return Prompt(tokens.astype(np.int64), np.ones(tokens.shape, bool))
+  return from_tokens(tokens)
 
 
 def from_flags(info, text: str = "", text_file: str = "", token_file: str = "",

@@ -8,8 +8,11 @@ Held-out data: the reference run's eval split. Model samples are compared with i
 `num_samples` rows; the "data" row scores real data the same way: the next `num_samples` eval
 rows when the split is large enough ("data (held-out)"), else the first training rows
 ("data (train)").
-"""
 
+Prompted completions (`prompt_len` = n): sample i of every model and step count continues the
+first n tokens of held-out row i (the same prefixes everywhere, so comparisons are paired), and
+the metrics score the continuation (`registry` module docstring).
+"""
 
 import dataclasses
 import functools
@@ -18,7 +21,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from dmmd_jax.data import synthetic
+from dmmd_jax.data import prompts, synthetic
 from dmmd_jax.data import types as data_types
 from dmmd_jax.evaluation import registry, report
 from dmmd_jax.infra import outputs
@@ -71,6 +74,20 @@ def reference_sets(setup, num_samples: int, split: str = "eval"):
   return held_out, setup.train_tokens[:num_samples], "data (train)"
 
 
+def held_out_prompt(held_out: np.ndarray, num_samples: int,
+                    prompt_len: int | None) -> prompts.Prompt | None:
+  """The prompts of a prompted evaluation: held-out rows' first prompt_len tokens `[n, prompt_len]`.
+
+  None without prompt_len; ValueError when there are fewer held-out rows than samples.
+  """
+  if prompt_len is None:
+    return None
+  if len(held_out) < num_samples:
+    raise ValueError(f"--prompt_len needs one held-out row per sample: the reference run has "
+                     f"{len(held_out)} eval rows, --num_samples is {num_samples}.")
+  return prompts.from_tokens(held_out[:num_samples, :prompt_len])
+
+
 def model_names(models) -> list:
   """Short unique names: each workdir's basename, with parent folders added while names clash."""
   parts = [os.path.normpath(m.workdir).split(os.sep) for m in models]
@@ -87,7 +104,7 @@ def model_names(models) -> list:
 def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model,
              names=registry.METRICS, seed: int = 0, batch_size: int = 256, progress=print, *,
              resources: registry.Resources | None = None, extra_samples=(), on_samples=None,
-             bars: bool = True, split: str = "eval"):
+             bars: bool = True, split: str = "eval", prompt_len: int | None = None):
   """Rows for every (model, steps) pair, after one row for real data.
 
   Args:
@@ -106,6 +123,8 @@ def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model
     bars: show a tqdm bar over all sequences to draw.
     split: "eval" (held-out rows) or "train" (training rows, for choosing settings; see
       `reference_sets`).
+    prompt_len: if set, every model continues the first prompt_len tokens of those rows (one
+      per sample) and is scored on the continuation (module docstring).
 
   Returns:
     list of `Row`.
@@ -116,8 +135,10 @@ def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model
   registry.check_metrics(names, reference, resources)
   info = reference.setup.info
   registry.check_resources(resources, info)
+  registry.check_prompt_len(prompt_len, info.seq_len)
   held_out, data_rows, data_label = reference_sets(reference.setup, num_samples, split)
-  ctx = registry.Context(held_out, reference, resources, seed)
+  prompt = held_out_prompt(held_out, num_samples, prompt_len)
+  ctx = registry.Context(held_out, reference, resources, seed, prompt_len or 0)
   rate = functools.partial(registry.score, held_out=held_out, reference=reference,
                            vocab_size=info.vocab_size, names=names, resources=resources,
                            seed=seed, context=ctx)
@@ -131,7 +152,8 @@ def evaluate(models, steps_for, num_samples: int, reference: trained_model.Model
             disable=not bars) as bar:
     for name, model, steps in jobs:
       bar.set_postfix_str(f"{name} steps={steps}")
-      samples = model.sample(num_samples, steps, seed, batch_size=batch_size, on_chunk=bar.update)
+      samples = model.sample(num_samples, steps, seed, batch_size=batch_size, on_chunk=bar.update,
+                             prompt=prompt)
       if on_samples is not None:
         on_samples(name, steps, samples)
       rows.append(_report(Row(name, model.kind, steps, rate(samples)), progress))
@@ -193,7 +215,7 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
                       reference_lm: str | None = None, feature_net: str | None = None,
                       reference: str | None = None, sample_files=(), seed: int = 0,
                       batch_size: int = 256, save_sample_files: bool = True, progress=print,
-                      bars: bool = True) -> list:
+                      bars: bool = True, prompt_len: int | None = None) -> list:
   """Sample and score workdirs; write results.{json,csv}, plots and samples under output_dir.
 
   Args:
@@ -211,6 +233,7 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
     seed, batch_size: sampling.
     save_sample_files: write the samples folder.
     progress, bars: one line per row, tqdm bar.
+    prompt_len: continue held-out prefixes of this many tokens and score the continuations.
 
   Returns:
     The rows (also printed by the binary with `format_table`).
@@ -237,7 +260,8 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
       report.save_samples(output_dir, info, f"{name}_steps{k}", tokens)
 
   rows = evaluate(models, steps_for, num_samples, ref, names, seed, batch_size, progress,
-                  resources=resources, extra_samples=extra, on_samples=on_samples, bars=bars)
+                  resources=resources, extra_samples=extra, on_samples=on_samples, bars=bars,
+                  prompt_len=prompt_len)
   _write_outputs(rows, output_dir, info, [(rows[0].model, reference_sets(
       ref.setup, num_samples)[1])] + entries)
   return rows

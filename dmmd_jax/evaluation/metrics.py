@@ -260,7 +260,8 @@ class Perplexity(NamedTuple):
   num_tokens: int
 
 
-def generative_perplexity(log_prob_fn, tokens, micro_batch: int = 64) -> Perplexity:
+def generative_perplexity(log_prob_fn, tokens, micro_batch: int = 64,
+                          start: int = 1) -> Perplexity:
   """Generative perplexity of samples under a reference LM.
 
   Args:
@@ -269,17 +270,21 @@ def generative_perplexity(log_prob_fn, tokens, micro_batch: int = 64) -> Perplex
     tokens: int `[n, L]` samples.
     micro_batch: rows per call of log_prob_fn; the last batch is padded to this size (so a jitted
       log_prob_fn compiles once) and the padding is discarded.
+    start: score tokens[:, start:] only, each given its whole prefix (1 ≤ start < L): with a
+      prompt of `start` tokens, the perplexity of the continuation given the prompt.
 
   Returns:
     `Perplexity` with the NLL summed in float64 on the host, so it is exact for any n.
   """
   tokens = np.asarray(tokens)
+  if not 1 <= start < tokens.shape[1]:
+    raise ValueError(f"start must lie in [1, {tokens.shape[1]}), got {start}.")
   total, count = 0.0, 0
-  for start in range(0, len(tokens), micro_batch):
-    batch = tokens[start:start + micro_batch]
+  for row in range(0, len(tokens), micro_batch):
+    batch = tokens[row:row + micro_batch]
     padded = np.concatenate([batch, np.zeros((micro_batch - len(batch),) + batch.shape[1:],
                                               batch.dtype)])
-    log_probs = np.asarray(log_prob_fn(jnp.asarray(padded)), np.float64)[:len(batch)]
+    log_probs = np.asarray(log_prob_fn(jnp.asarray(padded)), np.float64)[:len(batch), start - 1:]
     total -= log_probs.sum()
     count += log_probs.size
   nll = total / count

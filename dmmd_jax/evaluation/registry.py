@@ -25,6 +25,11 @@ default, `ALL_METRICS` everything. A new metric is one function and one entry.
   per-position `copy_position_agreement`), and the mean exact −log p_data (nats/sequence) over
   the valid samples with the `valid_fraction`.
 
+Prompted completions (`prompt_len` = n > 0: every sample's first n tokens are a held-out
+prefix): `gen_ppl` and `gm` score the continuation tokens[:, n:] given the prefix under the
+reference LM, `mmd2` and `entropy` the continuation positions (`Context.continuation`); the other
+metrics score whole sequences, prompt included.
+
 Reference models: `gen_ppl` and `gm` take any object with the interface of
 `models.reference_lm.Trained` (what `reference_lm.load` returns for the project's LM).
 """
@@ -54,13 +59,21 @@ class Resources:
 
 @dataclasses.dataclass
 class Context:
-  """What every metric function may read; `cache` keeps held-out features between calls."""
+  """What every metric function may read; `cache` keeps held-out features between calls.
+
+  prompt_len: n > 0 when the samples continue n-token prompts (see the module docstring).
+  """
 
   held_out: np.ndarray
   reference: object
   resources: Resources
   seed: int
+  prompt_len: int = 0
   cache: dict = dataclasses.field(default_factory=dict)
+
+  def continuation(self, tokens):
+    """The generated positions: int `[n, L]` → `[n, L − prompt_len]`."""
+    return tokens[:, self.prompt_len:]
 
   def held_out_features(self):
     if "features" not in self.cache:
@@ -69,7 +82,8 @@ class Context:
 
 
 def _mmd2(samples, ctx, memo):
-  value, stderr = metrics_lib.mmd2_with_stderr(samples, ctx.held_out)
+  value, stderr = metrics_lib.mmd2_with_stderr(ctx.continuation(samples),
+                                               ctx.continuation(ctx.held_out))
   return {"mmd2": float(value), "mmd2_se": float(stderr)}
 
 
@@ -78,7 +92,8 @@ def _teacher_nelbo(samples, ctx, memo):
 
 
 def _entropy(samples, ctx, memo):
-  return {"entropy": float(metrics_lib.unigram_entropy(samples, memo["vocab_size"]))}
+  return {"entropy": float(metrics_lib.unigram_entropy(ctx.continuation(samples),
+                                                       memo["vocab_size"]))}
 
 
 def _unique(samples, ctx, memo):
@@ -87,7 +102,8 @@ def _unique(samples, ctx, memo):
 
 def _gen_ppl(samples, ctx, memo):
   lm = ctx.resources.reference_lm
-  result = metrics_lib.generative_perplexity(lm.log_prob_fn, samples, ctx.resources.micro_batch)
+  result = metrics_lib.generative_perplexity(lm.log_prob_fn, samples, ctx.resources.micro_batch,
+                                             start=max(1, ctx.prompt_len))
   return {"gen_ppl": result.perplexity}
 
 
@@ -102,7 +118,8 @@ def gm_pairs(num_model: int, num_data: int, requested: int = 16) -> int:
 def _gm(samples, ctx, memo):
   lm, r = ctx.resources.reference_lm, ctx.resources
   pairs = gm_pairs(len(samples), len(ctx.held_out), r.gm_pairs)
-  result = metrics_lib.gradient_moment(lm.loglik_fn, lm.params, samples, ctx.held_out,
+  loglik_fn = lm.loglik_fn_from(ctx.prompt_len) if ctx.prompt_len else lm.loglik_fn
+  result = metrics_lib.gradient_moment(loglik_fn, lm.params, samples, ctx.held_out,
                                        jax.random.PRNGKey(ctx.seed), pairs, r.micro_batch)
   return {"gm": result.mean, "gm_se": result.stderr}
 
@@ -215,21 +232,31 @@ def check_resources(resources: Resources, info: data_types.DataInfo) -> None:
                      f"{source.seq_len}; the samples {info.vocab_size}/{info.seq_len}.")
 
 
+def check_prompt_len(prompt_len: int | None, seq_len: int) -> None:
+  """ValueError unless prompt_len is None (no prompts) or in [1, seq_len)."""
+  if prompt_len is not None and not 1 <= prompt_len < seq_len:
+    raise ValueError(f"--prompt_len must lie in [1, {seq_len}) (the samples have {seq_len} "
+                     f"tokens and need at least one to generate), got {prompt_len}.")
+
+
 def score(samples: np.ndarray, held_out: np.ndarray, reference, vocab_size: int,
           names=METRICS, *, resources: Resources | None = None, seed: int = 0,
-          context: "Context | None" = None) -> dict:
+          context: "Context | None" = None, prompt_len: int | None = None) -> dict:
   """The metrics `names` of samples int `[n, L]` against held-out data int `[m, L]`.
 
   reference: the teacher of `teacher_nelbo` (a `training.trained_model.Model`; may be None when
     it is not asked for).
   resources: the reference LM / feature net / synthetic source the other metrics need.
-  context: a `Context` shared between calls (caches the held-out features).
+  context: a `Context` shared between calls (caches the held-out features), else one is built.
+  prompt_len: without a context: the samples continue prompts of this many tokens (module
+    docstring), or None.
   Returns {column: float} with each name's `REGISTRY[name].columns`, in order.
   """
   resources = resources or Resources()
   check_metrics(names, reference, resources)
+  check_prompt_len(prompt_len, held_out.shape[1])
   samples = data_types.check_tokens(samples, vocab_size, held_out.shape[1])
-  ctx = context or Context(np.asarray(held_out), reference, resources, seed)
+  ctx = context or Context(np.asarray(held_out), reference, resources, seed, prompt_len or 0)
   memo, out = {"vocab_size": vocab_size}, {}
   for name in names:
     out.update(REGISTRY[name].fn(samples, ctx, memo))

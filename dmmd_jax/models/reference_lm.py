@@ -169,10 +169,14 @@ def token_log_probs(params, tokens, *, config: ReferenceLMConfig):
   return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def sequence_log_likelihood(params, tokens, *, config: ReferenceLMConfig):
-  """Mean per-token log-likelihood of tokens[:, 1:] given prefixes: int `[b, L]` → `[b]`."""
-  return jnp.mean(token_log_probs(params, tokens, config=config), axis=-1)
+@functools.partial(jax.jit, static_argnames=("config", "start"))
+def sequence_log_likelihood(params, tokens, *, config: ReferenceLMConfig, start: int = 1):
+  """Mean per-token log-likelihood of tokens[:, start:] given prefixes: int `[b, L]` → `[b]`.
+
+  start = 1 (the default) scores every token that has a prefix; start = n, the log-likelihood of
+  a continuation given its n-token prompt.
+  """
+  return jnp.mean(token_log_probs(params, tokens, config=config)[:, start - 1:], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +192,10 @@ class Trained:
 
   Any reference model works if it offers `params`, `loglik_fn(params, tokens [b, L]) -> [b]`
   (a fixed, hashable function: a static jit argument), `log_prob_fn(tokens [b, L]) ->
-  [b, L − 1]` and `check_compatible(info)`. eq=False: instances hash by identity, and so do their
-  `loglik_fn` partials, which therefore compile once per instance.
+  [b, L − 1]` and `check_compatible(info)`; `gm` with a prompt (evaluate.py --prompt_len=n)
+  also needs `loglik_fn_from(n)`, the log-likelihood of tokens[:, n:] given their prefixes.
+  eq=False: instances hash by identity, and so do their `loglik_fn` partials, which therefore
+  compile once per instance.
   """
 
   config: ReferenceLMConfig
@@ -198,8 +204,17 @@ class Trained:
   path: str = ""
 
   def __post_init__(self):
-    self.loglik_fn = functools.partial(sequence_log_likelihood, config=self.config)
+    self._loglik_fns = {}
+    self.loglik_fn = self.loglik_fn_from(1)
     self.log_prob_fn = functools.partial(token_log_probs, self.params, config=self.config)
+
+  def loglik_fn_from(self, start: int):
+    """`(params, tokens [b, L]) -> [b]`: mean log-likelihood of tokens[:, start:] (one function
+    object per start, so that jit compiles it once)."""
+    if start not in self._loglik_fns:
+      self._loglik_fns[start] = functools.partial(sequence_log_likelihood, config=self.config,
+                                                  start=start)
+    return self._loglik_fns[start]
 
   def check_compatible(self, info: data_types.DataInfo) -> None:
     """ValueError unless samples described by `info` use this LM's tokens and fit its length."""

@@ -162,6 +162,9 @@ def test_token_file_prompts(tmp_path):
   fixed, tokens = prompts.from_token_file(str(path)).arrays(2, 4, 5)
   np.testing.assert_array_equal(tokens, [[1, 2, 0, 0], [3, 0, 0, 0]])
   np.testing.assert_array_equal(fixed, [[True, True, False, False]] * 2)
+  fixed, tokens = prompts.from_tokens(np.array([[1, 2], [3, 0]])).arrays(2, 3, 5)
+  np.testing.assert_array_equal(tokens, [[1, 2, 0], [3, 0, 0]])
+  np.testing.assert_array_equal(fixed, [[True, True, False]] * 2)
 
 
 @pytest.mark.parametrize("case, message", [

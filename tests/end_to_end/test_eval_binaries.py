@@ -104,6 +104,34 @@ def test_evaluate_binary_end_to_end(runs_dir):
   assert "teacher_nelbo" in done.stdout and "results:" in done.stdout
 
 
+def test_evaluate_binary_scores_prompted_completions(runs_dir):
+  root, dirs = runs_dir
+  out = root / "eval_prompted"
+  done = _run("evaluate.py", f"--workdirs={dirs['teacher']},{dirs['dmmd_k4']}", "--steps=2",
+              "--num_samples=16", "--prompt_len=24", "--metrics=mmd2,entropy,gen_ppl,gm",
+              f"--reference_lm={dirs['lm']}", f"--output_dir={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  held_out = compare.reference_sets(trained_model.load(dirs["teacher"]).setup, 16)[0]
+  for name in ("teacher_steps2", "dmmd_k4_steps4"):
+    samples = np.load(out / "samples" / f"{name}.npy")
+    np.testing.assert_array_equal(samples[:, :24], held_out[:, :24])
+  with open(out / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["model"] for r in table] == ["data (held-out)", "teacher", "dmmd_k4"]
+  assert all(np.isfinite(float(r[k])) for r in table for k in ("gen_ppl", "gm", "entropy"))
+
+
+@pytest.mark.parametrize("prompt_len", ["0", "64"])
+def test_evaluate_binary_refuses_a_bad_prompt_len(runs_dir, prompt_len):
+  _, dirs = runs_dir
+  done = _run("evaluate.py", f"--workdirs={dirs['teacher']}", f"--prompt_len={prompt_len}",
+              "--output_dir=/tmp/unused")
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      f"error: --prompt_len must lie in [1, 64) (the samples have 64 tokens and need at least one "
+      f"to generate), got {prompt_len}."]
+
+
 def test_evaluate_binary_error_is_one_line(runs_dir):
   _, dirs = runs_dir
   done = _run("evaluate.py", f"--workdirs={dirs['teacher']}", "--metrics=mmd2,fid",

@@ -13,12 +13,14 @@ import os
 import pathlib
 import types
 
+import jax
 import numpy as np
 import pytest
 
 from dmmd_jax.data import synthetic
 from dmmd_jax.data import types as data_types
 from dmmd_jax.evaluation import compare, registry, report
+from dmmd_jax.evaluation import metrics as metrics_lib
 from dmmd_jax.models import reference_lm
 from dmmd_jax.training import reference_lm_run
 
@@ -29,19 +31,24 @@ INFO = data_types.DataInfo("text", 8, 16)
 
 class StandIn:
   """A `runs.Model` stand-in: samples of the source whose second half is replaced by uniform
-  noise with probability 1/steps (so more steps → more mirrored samples)."""
+  noise with probability 1/steps (so more steps → more mirrored samples); a prompt's tokens
+  overwrite the positions it fixes."""
 
   def __init__(self, workdir, kind, setup, student_steps=None):
     self.workdir, self.kind, self.setup, self.student_steps = workdir, kind, setup, student_steps
-    self.calls = []
+    self.calls, self.prompts = [], []
 
-  def sample(self, num_samples, steps=None, seed=0, batch_size=None, on_chunk=None):
+  def sample(self, num_samples, steps=None, seed=0, batch_size=None, on_chunk=None, prompt=None):
     self.calls.append((num_samples, steps, seed, batch_size))
+    self.prompts.append(prompt)
     rng = np.random.default_rng([seed, steps])
     tokens = synthetic.sample(SOURCE, num_samples, seed=int(rng.integers(1 << 30)))
     broken = rng.random(num_samples) < 1.0 / steps
     tokens[broken, 8:] = rng.integers(0, 8, (int(broken.sum()), 8))
-    return tokens
+    if prompt is None:
+      return tokens
+    fixed, fixed_tokens = prompt.arrays(num_samples, tokens.shape[1], 8)
+    return np.where(fixed, fixed_tokens, tokens)
 
   def negative_elbo_bits(self, tokens):
     """Stand-in for the teacher ELBO: exact NLL of the valid samples in bits/token."""
@@ -155,6 +162,35 @@ def test_score_exact_metrics_and_reference_lm_metrics(reference):
   assert repeated["gm"] > real["gm"] + 5 * max(real["gm_se"], repeated["gm_se"])
 
 
+def _brute_force_nll(lm, tokens, start):
+  """−log p(tokens[:, i] | tokens[:, :i]) `[n, L − start]`, one truncated forward per position."""
+  columns = []
+  for i in range(start, tokens.shape[1]):
+    logits = reference_lm.next_token_logits(lm.params, tokens[:, :i], config=lm.config)[:, -1]
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)), np.float64)
+    columns.append(-log_probs[np.arange(len(tokens)), tokens[:, i]])
+  return np.stack(columns, axis=1)
+
+
+def test_continuation_nll_given_the_prompt_is_the_brute_force_one(reference):
+  lm, prompt_len = reference[1], 5
+  samples = synthetic.sample(SOURCE, 40, seed=7)
+  samples[::3, prompt_len:] = np.random.default_rng(0).integers(0, 8, (14, 16 - prompt_len))
+  nll = _brute_force_nll(lm, samples, prompt_len)
+  resources = registry.Resources(reference_lm=lm, micro_batch=16)
+  scored = registry.score(samples, synthetic.sample(SOURCE, 40, seed=8), None, 8,
+                          ["gen_ppl", "entropy"], resources=resources, prompt_len=prompt_len)
+  np.testing.assert_allclose(np.log(scored["gen_ppl"]), nll.mean(), rtol=1e-5)
+  # Scoring the prompt too would differ: the prefix tokens are not part of the continuation.
+  unprompted = registry.score(samples, samples, None, 8, ["gen_ppl"], resources=resources)
+  assert abs(np.log(unprompted["gen_ppl"]) - nll.mean()) > 0.01
+  np.testing.assert_allclose(lm.loglik_fn_from(prompt_len)(lm.params, samples),
+                             -nll.mean(axis=1), rtol=1e-5)
+  assert lm.loglik_fn_from(prompt_len) is lm.loglik_fn_from(prompt_len)
+  entropy = metrics_lib.unigram_entropy(samples[:, prompt_len:], 8)
+  assert scored["entropy"] == pytest.approx(float(entropy))
+
+
 def test_gm_pairs():
   assert registry.gm_pairs(1024, 1024) == 16
   assert registry.gm_pairs(64, 200) == 8
@@ -191,6 +227,44 @@ def test_evaluate_with_stand_in_models():
   assert by[("a/teacher", 2)]["mmd2"] > by[("a/teacher", 16)]["mmd2"]
   assert by[("repeated", 0)]["mmd2"] > by[("data (held-out)", 0)]["mmd2"] + 10 * by[
       ("repeated", 0)]["mmd2_se"]
+
+
+def test_prompted_evaluation_continues_the_held_out_prefixes():
+  setup = _setup()
+  teacher = StandIn("runs/teacher", "teacher", setup)
+  student = StandIn("runs/k4", "student", setup, student_steps=4)
+  seen = []
+  rows = compare.evaluate(
+      [teacher, student], compare.steps_for_models([2, 8]), 64, teacher, ["mmd2", "entropy"],
+      batch_size=32, progress=None, on_samples=lambda *args: seen.append(args), bars=False,
+      prompt_len=6)
+  held_out = setup.eval_tokens[:64]
+  assert [(name, steps) for name, steps, _ in seen] == [("teacher", 2), ("teacher", 8),
+                                                        ("k4", 4), ("k4", 8)]
+  for _, _, samples in seen:
+    np.testing.assert_array_equal(samples[:, :6], held_out[:, :6])
+    assert not np.array_equal(samples[:, 6:], held_out[:, 6:])
+  for prompt in teacher.prompts + student.prompts:
+    np.testing.assert_array_equal(prompt.tokens, held_out[:, :6])
+    assert prompt.fixed.all()
+  by = {(r.model, r.steps): r.metrics for r in rows}
+  entropy = metrics_lib.unigram_entropy(seen[0][2][:, 6:], 8)
+  assert by[("teacher", 2)]["entropy"] == pytest.approx(float(entropy))
+  with pytest.raises(ValueError, match="one held-out row per sample: .* 200 eval rows"):
+    compare.evaluate([teacher], lambda m: [2], 201, teacher, ["entropy"], bars=False,
+                     prompt_len=6)
+
+
+@pytest.mark.parametrize("prompt_len", [0, -1, 16, 40])
+def test_a_bad_prompt_len_is_refused_before_sampling(prompt_len):
+  teacher = StandIn("t", "teacher", _setup())
+  with pytest.raises(ValueError, match=rf"--prompt_len must lie in \[1, 16\).*got {prompt_len}"):
+    compare.evaluate([teacher], lambda m: [2], 10, teacher, ["entropy"], bars=False,
+                     prompt_len=prompt_len)
+  assert teacher.calls == []
+  with pytest.raises(ValueError, match="--prompt_len must lie in"):
+    registry.score(np.zeros((5, 16), int), np.zeros((5, 16), int), None, 8, ["entropy"],
+                   prompt_len=prompt_len)
 
 
 def test_evaluate_checks_before_sampling():
