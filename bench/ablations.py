@@ -1,7 +1,7 @@
 r"""Paper ablations on one teacher: noise input on/off, zero-init noise, hard vs soft top-p.
 
     python bench/ablations.py --config=configs/digits.py:small --workdir=runs/ablations \
-        --student_steps=4
+        --student_steps=4 [--variants="hard top-p 0.8" --output=results/hard_top_p.json]
 
 Trains (or reuses) the teacher in WORKDIR/teacher, distils one student per variant with the same
 budget, and prints a table of kernel MMD² to held-out data, the teacher's ELBO of the samples,
@@ -25,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablations", "Directory for all runs.")
 _K = flags.DEFINE_integer("student_steps", 4, "Student steps k.")
 _NUM = flags.DEFINE_integer("num_samples", 256, "Samples per model.")
+_OUTPUT = flags.DEFINE_string("output", "", "Also write the rows here (JSON).")
+
 
 VARIANTS = {
     "noise (default)": {},
@@ -34,6 +36,7 @@ VARIANTS = {
     "hard top-p 0.8": {"distill.teacher_top_p": 0.8, "distill.top_p_mode": "hard",
                        "distill.allow_hard_top_p": True},
 }
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants (names above).")
 
 
 def variant_config(config, teacher_dir, overrides):
@@ -54,7 +57,11 @@ def run():
   teacher_run.train_teacher(config, teacher_dir)
   teacher = trained_model.load(teacher_dir)
   rows = []
-  for name, overrides in VARIANTS.items():
+  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown --variants {unknown}; choose from {list(VARIANTS)}.")
+  for name in _VARIANTS.value:
+    overrides = VARIANTS[name]
     out = os.path.join(_WORKDIR.value, name.split(" (")[0].replace(" ", "_").replace(".", ""))
     try:
       dmmd_run.distill_student(variant_config(config, teacher_dir, overrides), out)
@@ -70,6 +77,9 @@ def run():
     rows.append(compare.Row(name, status[:40], _K.value, metrics))
     print(name, status, json.dumps(metrics))
   print(report.format_table(rows))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      json.dump([{**r.flat(), "status": r.kind} for r in rows], f, indent=2)
 
 
 def main(argv):
