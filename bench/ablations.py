@@ -56,7 +56,7 @@ def run():
   teacher_dir = os.path.join(_WORKDIR.value, "teacher")
   teacher_run.train_teacher(config, teacher_dir)
   teacher = trained_model.load(teacher_dir)
-  rows = []
+  rows, statuses = [], []
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown --variants {unknown}; choose from {list(VARIANTS)}.")
@@ -75,11 +75,14 @@ def run():
       metrics.update(registry.score(samples, teacher.setup.eval_tokens[:_NUM.value], teacher,
                                       teacher.setup.info.vocab_size))
     rows.append(compare.Row(name, status[:40], _K.value, metrics))
+    statuses.append(status)
     print(name, status, json.dumps(metrics))
   print(report.format_table(rows))
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
-      json.dump([{**r.flat(), "status": r.kind} for r in rows], f, indent=2)
+      json.dump([{**{k: None if isinstance(v, float) and math.isnan(v) else v
+                      for k, v in r.flat().items()}, "kind": "student", "status": status}
+                 for r, status in zip(rows, statuses, strict=True)], f, indent=2)
 
 
 def main(argv):
