@@ -14,7 +14,6 @@ higher for entropy, the collapse diagnostic). Writes OUTPUT/rows.csv (one row pe
 and steps) and OUTPUT/summary.json (`paired.Paired.row()` per comparison and metric).
 """
 
-import csv
 import json
 import os
 
@@ -22,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dmmd_jax import cli, config_lib, main_job
-from dmmd_jax.evaluation import compare, paired, registry
+from dmmd_jax.evaluation import compare, paired, registry, report
 from dmmd_jax.models import reference_lm
 from dmmd_jax.training import dmmd_run, reference_lm_run, teacher_run, trained_model
 
@@ -71,25 +70,13 @@ def score_seeds(teacher, students, lm, k: int, teacher_steps: int, num_samples: 
 
 def paired_differences(rows, k: int, teacher_steps: int) -> list:
   """`paired.Paired.row()`s: student@k (A) vs teacher@s (B), s = k and teacher_steps."""
-  seeds = sorted({r["seed"] for r in rows})
-
-  def values(kind, steps, metric):
-    by_seed = {r["seed"]: r[metric] for r in rows if (r["kind"], r["steps"]) == (kind, steps)}
-    return [by_seed[s] for s in seeds]
-
-  return [paired.compare(metric, f"student@{k}", values("student", k, metric),
-                         f"teacher@{steps}", values("teacher", steps, metric),
-                         LOWER_IS_BETTER[metric]).row()
+  return [paired.compare_rows(rows, metric, ("student", k), ("teacher", steps),
+                              LOWER_IS_BETTER[metric], key="kind").row()
           for steps in (k, teacher_steps) for metric in METRICS]
 
 
 def write(rows, summary, output: str) -> None:
-  os.makedirs(output, exist_ok=True)
-  columns = list(dict.fromkeys(c for r in rows for c in r))
-  with open(os.path.join(output, "rows.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  report.write_csv(os.path.join(output, "rows.csv"), rows)
   with open(os.path.join(output, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 

@@ -40,15 +40,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Runs directory (default: a tempor
 _OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON config overrides on top of the recipe.")
 _UPDATES = flags.DEFINE_integer("updates", 0, "D-MMD updates (0: the recipe's).")
 
+
+
+def learns_the_copy(agreement, freqs) -> bool:
+  """The with-noise tests' bounds: agreement ≥ 0.95 with every value frequency in [0.35, 0.65]."""
+  return agreement >= 0.95 and all(0.35 <= x <= 0.65 for x in freqs)
+
+
 # variant → (kernel, updates, overrides, bounds check on (agreement, frequencies))
 VARIANTS = {
-    "masked": ("masked", recipe.MASKED_STEPS, recipe.MASKED_STUDENT,
-               lambda a, f: a >= 0.95 and all(0.35 <= x <= 0.65 for x in f)),
-    "uniform_noise": ("uniform", 1500, recipe.UNIFORM_STUDENT,
-                      lambda a, f: a >= 0.95 and all(0.35 <= x <= 0.65 for x in f)),
+    "masked": ("masked", recipe.MASKED_STEPS, recipe.MASKED_STUDENT, learns_the_copy),
+    "uniform_noise": ("uniform", 1500, recipe.UNIFORM_STUDENT, learns_the_copy),
     "uniform_plain": ("uniform", 1500, {},
-                      lambda a, f: a >= 0.65 and not (a >= 0.95 and all(
-                          0.35 <= x <= 0.65 for x in f))),
+                      lambda a, f: a >= 0.65 and not learns_the_copy(a, f)),
 }
 
 

@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dmmd_jax import cli, config_lib, main_job
-from dmmd_jax.evaluation import compare, paired, registry
+from dmmd_jax.evaluation import compare, paired, registry, report
 from dmmd_jax.training import dmmd_run, teacher_run, trained_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
@@ -91,18 +91,11 @@ def paired_rows(rows, pairs) -> list:
   out = []
   for setting in dict.fromkeys(r["setting"] for r in rows):
     mine = [r for r in rows if r["setting"] == setting]
-    seeds = sorted({r["seed"] for r in mine})
-
-    def values(model, steps, column, mine=mine, seeds=seeds):
-      found = {r["seed"]: r[column] for r in mine if r["model"] == model and r["steps"] == steps}
-      return [float(found[s]) for s in seeds]
-
     columns = [c for c in mine[0] if c not in ("setting", "seed", "model", "kind", "steps")
                and not c.endswith("_se")]
     for (k, t), c in itertools.product(pairs, columns):
-      p = paired.compare(c, f"student_k{k}@{k}", values(f"student_k{k}", k, c),
-                         f"teacher@{t}", values("teacher", t, c),
-                         lower_is_better=c not in registry.HIGHER_IS_BETTER)
+      p = paired.compare_rows(mine, c, (f"student_k{k}", k), ("teacher", t),
+                              lower_is_better=c not in registry.HIGHER_IS_BETTER)
       out.append({"setting": setting, **p.row(), **(
           {"verdict": "(no better side)", "at_least_as_good": ""}
           if c in registry.UNORDERED else {})})
@@ -114,16 +107,6 @@ def read_rows(path) -> list:
     return []
   with open(path) as f:
     return [{**r, "seed": int(r["seed"]), "steps": int(r["steps"])} for r in csv.DictReader(f)]
-
-
-def write_csv(path, rows, mode="w"):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  new = mode == "w" or not os.path.exists(path)
-  with open(path, mode, newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    if new:
-      writer.writeheader()
-    writer.writerows(rows)
 
 
 def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_samples, split,
@@ -142,10 +125,10 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
     new = [{"setting": name, **r} for r in seed_rows(
         point, os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples,
         split)]
-    write_csv(rows_path, new, mode="a")
+    report.write_csv(rows_path, new, append=True)
     rows += new
   summary = paired_rows(rows, pairs)
-  write_csv(f"{output}_paired.csv", summary)
+  report.write_csv(f"{output}_paired.csv", summary)
   for p in summary:
     print(f"{p['setting']:>24s} {p['metric']:>14s} {p['a']:>14s} − {p['b']:<12s} "
           f"{p['mean_a']:9.4g} {p['mean_b']:9.4g} diff {p['diff']:+.4g} ± {p['se']:.2g} "

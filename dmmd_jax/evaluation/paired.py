@@ -63,3 +63,22 @@ def compare(metric: str, a: str, values_a, b: str, values_b, lower_is_better: bo
   se = float(np.std(d, ddof=1) / np.sqrt(n)) if n > 1 else math.nan
   return Paired(metric, a, b, float(values_a.mean()), float(values_b.mean()), float(d.mean()),
                 se, n, lower_is_better)
+
+
+def compare_rows(rows, metric: str, a: tuple, b: tuple, lower_is_better: bool,
+                 key: str = "model") -> Paired:
+  """`compare` of two (name, steps) entries of flat result rows over their common seeds.
+
+  rows: dicts with "seed", `key` (the model's name), "steps" and the metric column, a row per
+  (seed, model, steps); a, b: (name, steps). Seeds are taken in sorted order.
+  """
+  def values(name, steps):
+    return {r["seed"]: float(r[metric]) for r in rows
+            if r[key] == name and int(r["steps"]) == steps}
+
+  va, vb = values(*a), values(*b)
+  seeds = sorted(va)
+  if sorted(vb) != seeds:
+    raise ValueError(f"{a} and {b} were scored for different seeds: {seeds} vs {sorted(vb)}.")
+  return compare(metric, f"{a[0]}@{a[1]}", [va[s] for s in seeds], f"{b[0]}@{b[1]}",
+                 [vb[s] for s in seeds], lower_is_better)

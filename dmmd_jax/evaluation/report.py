@@ -34,11 +34,20 @@ def write_results(rows, output_dir: str) -> None:
   with open(os.path.join(output_dir, "results.json"), "w") as f:  # NaN → null (strict JSON)
     json.dump([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
                for r in flat], f, indent=2)
-  with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["model", "kind", "steps", *metric_columns(rows)],
+  write_csv(os.path.join(output_dir, "results.csv"), flat)
+
+
+def write_csv(path: str, rows, append: bool = False) -> None:
+  """Flat dict rows as CSV, columns in first-seen order (missing cells empty); with append, add
+  to an existing file without a second header."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  header = not (append and os.path.exists(path))
+  with open(path, "a" if append else "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)),
                             restval="")
-    writer.writeheader()
-    writer.writerows(flat)
+    if header:
+      writer.writeheader()
+    writer.writerows(rows)
 
 
 def _pyplot():

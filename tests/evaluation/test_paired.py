@@ -43,3 +43,15 @@ def test_at_least_as_good_allows_one_se_of_shortfall():
 def test_unequal_lengths_are_refused():
   with pytest.raises(ValueError, match="equal-length"):
     paired.compare("m", "A", [1.0, 2.0], "B", [1.0], True)
+
+
+def test_compare_rows_pairs_by_seed_whatever_the_row_order():
+  rows = [{"seed": s, "model": m, "steps": k, "x": v} for s, m, k, v in [
+      (1, "student", 4, "2.0"), (0, "teacher", 16, 1.0), (0, "student", 4, 1.5),
+      (1, "teacher", 16, 1.0), (2, "teacher", 16, 3.0), (2, "student", 4, 3.0),
+      (0, "teacher", 4, 9.0)]]
+  p = paired.compare_rows(rows, "x", ("student", 4), ("teacher", 16), lower_is_better=True)
+  want = paired.compare("x", "student@4", [1.5, 2.0, 3.0], "teacher@16", [1.0, 1.0, 3.0], True)
+  assert p == want
+  with pytest.raises(ValueError, match="different seeds"):
+    paired.compare_rows(rows, "x", ("student", 4), ("teacher", 4), lower_is_better=True)
