@@ -22,6 +22,7 @@ def test_paired_se_is_that_of_the_per_seed_differences():
     ([1.0, 1.1, 0.9], True, "B better"),     # A higher, lower is better: B wins by ≫ 2 SE
     ([1.0, 1.1, 0.9], False, "A better"),
     ([0.05, 0.0, -0.05], True, "unresolved"),  # within 2 SE
+    ([-0.05, 0.0, -0.02], True, "unresolved"),  # A better by 1.6 paired SE: not enough
 ])
 def test_verdict_needs_two_paired_ses(a, lower, verdict):
   assert paired.compare("m", "A", a, "B", [0.0, 0.0, 0.0], lower).verdict() == verdict
