@@ -269,12 +269,13 @@ def distill_phase(setup, config, result, teacher_params, args):
   updates = dmmd_run.compile_updates(setup, dcfg, student_opt, aux_opt,
                                      state_lib.shardings_of(dstate),
                                      state_lib.shardings_of(teacher_params))
-  student_update, aux_update = (u.lower(dstate, teacher_params, batch).compile()
-                                for u in updates)
+  student_update, aux_update, joint_update = (u.lower(dstate, teacher_params, batch).compile()
+                                              for u in updates)
   report = {"compile_s": time.perf_counter() - start, "student_steps": dcfg.student_steps,
             "teacher_top_p": dcfg.teacher_top_p, "samples_per_z": dcfg.samples_per_z}
   times = {}
-  for name, update in (("student", student_update), ("aux", aux_update)):
+  for name, update in (("student", student_update), ("aux", aux_update),
+                       ("joint", joint_update)):
     times[name], dstate, metrics = timed_steps(lambda s, u=update: u(s, teacher_params, batch),
                                                dstate, args.steps, args.warmup)
     report[f"{name}_update"] = {**step_report(times[name], 5 * fwd, tokens, matmul),

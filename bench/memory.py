@@ -161,9 +161,9 @@ def lower_distill(setup, global_batch, which: str):
   shardings = jax.tree.map(lambda x: x.sharding, state)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, params)
   cfg = setup_lib.estimator_config_of(setup.config)
-  student, aux = dmmd_run.compile_updates(setup, cfg, student_opt, aux_opt, shardings,
-                                         teacher_shardings)
-  fn = student if which == "student" else aux
+  updates = dmmd_run.compile_updates(setup, cfg, student_opt, aux_opt, shardings,
+                                     teacher_shardings)
+  fn = getattr(updates, which)
   return fn.lower(state, params, _batch(setup, global_batch))
 
 

@@ -72,11 +72,11 @@ def child(args) -> dict:
   student_opt, aux_opt = dmmd_run.distill_optimizers(config)
   dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
                                       jax.random.key(1), config.distill.noise_init_scale)
-  student_update, aux_update = dmmd_run.compile_updates(
+  updates = dmmd_run.compile_updates(
       setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
       state_lib.shardings_of(teacher))
   per_update = []
-  for update in (student_update, aux_update):
+  for update in (updates.student, updates.aux):
     seconds, dstate = timed(lambda s, u=update: u(s, teacher, batch), dstate, args.steps)
     per_update.append(seconds)
   seconds = float(np.mean(per_update))

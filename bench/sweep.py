@@ -45,6 +45,9 @@ _METRICS = flags.DEFINE_list("metrics", list(registry.METRICS), "Metrics (evalua
 _SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train"], "Rows the samples are scored "
                            "against: held-out (report) or training (choosing settings).")
 _NUM = flags.DEFINE_integer("num_samples", 512, "Samples per (model, steps, seed).")
+_REFERENCE_LM = flags.DEFINE_string("reference_lm", None, "Reference LM workdir (gen_ppl, gm).")
+_FEATURE_NET = flags.DEFINE_string("feature_net", None, "Feature-net workdir (frechet, "
+                                   "precision_recall, confidence).")
 _OUTPUT = flags.DEFINE_string("output", None, "Prefix of the two CSV files.")
 flags.mark_flags_as_required(["output"])
 
@@ -67,7 +70,7 @@ def settings(config, grid) -> list:
   return out
 
 
-def seed_rows(config, workdir, seed, ks, teacher_steps, metrics, num_samples, split):
+def seed_rows(config, workdir, seed, ks, teacher_steps, metrics, num_samples, split, scorers):
   """Distils (or resumes) this seed's students; returns their and the teacher's flat rows."""
   students = []
   for k in ks:
@@ -81,7 +84,8 @@ def seed_rows(config, workdir, seed, ks, teacher_steps, metrics, num_samples, sp
     return teacher_steps if model.kind == "teacher" else [model.student_steps]
 
   rows = compare.evaluate([teacher, *students], steps_for, num_samples, teacher, metrics,
-                          seed=seed, bars=False, split=split)
+                          seed=seed, bars=False, split=split,
+                          resources=compare.resources_for(teacher, *scorers))
   return [{"seed": seed, **r.flat(), "model": r.kind if r.kind != "student" else
            f"student_k{r.steps}"} for r in rows]
 
@@ -110,7 +114,8 @@ def read_rows(path) -> list:
 
 
 def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_samples, split,
-        output):
+        output, scorers=(None, None)):
+  """scorers: (reference LM workdir, feature-net workdir), each or None."""
   config = config_lib.typed(config)
   registry.check_metric_names(metrics)
   points = settings(config, grid)  # a bad grid entry fails before any training
@@ -124,7 +129,7 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
     point = main_job.student_config(config_lib.replace(config, **changes), teacher_dir, ks[0])
     new = [{"setting": name, **r} for r in seed_rows(
         point, os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples,
-        split)]
+        split, scorers)]
     report.write_csv(rows_path, new, append=True)
     rows += new
   summary = paired_rows(rows, pairs)
@@ -142,7 +147,7 @@ def main(argv):
   pairs = [tuple(ints(p.split(":"))) for p in _PAIRS.value]
   cli.run(run, _CONFIG.value, _WORKDIR.value, ints(_STUDENTS.value), ints(_TEACHER.value),
           ints(_SEEDS.value), pairs, _GRID.value, _METRICS.value, _NUM.value, _SPLIT.value,
-          _OUTPUT.value)
+          _OUTPUT.value, (_REFERENCE_LM.value, _FEATURE_NET.value))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,7 @@ class DistillConfig:
   warmup_steps: int = 50
   grad_clip: float = 1.0
   aux_updates_per_student: int = 1
+  joint_updates: bool = False  # both networks from one draw per update (ignores the ratio above)
   soft_targets: bool = False
   teacher_temperature: float = 1.0
   teacher_top_p: float = 1.0

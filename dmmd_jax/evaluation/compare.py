@@ -204,7 +204,9 @@ def _pick_reference(models, reference_dir: str | None):
   return next((m for m in models if m.kind == "teacher"), models[0])
 
 
-def _resources(reference, reference_lm_dir, feature_net_dir) -> registry.Resources:
+def resources_for(reference, reference_lm_dir=None, feature_net_dir=None) -> registry.Resources:
+  """The scorers beyond the teacher: reference LM and feature net (workdirs, or None) and, for
+  runs on the synthetic source, that source."""
   return registry.Resources(
       reference_lm=reference_lm.load(reference_lm_dir) if reference_lm_dir else None,
       feature_net=feature_net.load(feature_net_dir) if feature_net_dir else None,
@@ -248,7 +250,7 @@ def evaluate_workdirs(workdirs, steps, names, output_dir: str, *, num_samples: i
   steps_for = steps_for_models(steps)
   models = [trained_model.load(w) for w in workdirs]
   ref = _pick_reference(models, reference)
-  resources = _resources(ref, reference_lm, feature_net)
+  resources = resources_for(ref, reference_lm, feature_net)
   registry.check_metrics(names, ref, resources)
   info = ref.setup.info
   extra = [(os.path.basename(p), load_sample_file(p, info)) for p in sample_files]

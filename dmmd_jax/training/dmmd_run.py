@@ -3,13 +3,16 @@
 The estimator and its losses are in `distill/dmmd.py`; this module owns the three parameter
 pytrees' training: the student and the auxiliary start as copies of the teacher's EMA parameters,
 updates alternate (`aux_updates_per_student` auxiliary updates, then one student update; whose
-turn it is follows from the update's index, which equals `state.step`), and the student's EMA is
-what `experiments/sample.py` samples.
+turn it is follows from the update's index, which equals `state.step`) or, with
+distill.joint_updates, every update trains both from one draw (one student and teacher forward
+instead of two), and the student's EMA is what `experiments/sample.py` samples.
 """
 
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax
 import jax
@@ -42,27 +45,34 @@ class DistillState:
   aux_opt: optax.OptState
 
 
-def _update(loss_name, which, state, teacher, x, *, estimator, optimizer, ema_decay, seed):
-  """One optimizer step of `which` ∈ {student, aux} on `loss_name`; returns (state, metrics)."""
+LOSSES = {"student": "gen_loss", "aux": "aux_loss"}
+
+
+def _update(which, state, teacher, x, *, estimator, optimizers, ema_decay, seed):
+  """One optimizer step of each network in `which` (("student",), ("aux",) or both) from one
+  estimator draw; returns (state, metrics).
+
+  Both at once (distill.joint_updates): the generator loss reaches only the student (the
+  log-ratio is under stop_grad) and the auxiliary loss only the auxiliary (the student's sample
+  is), so the gradient of their sum is each network's own gradient, exactly as two separate
+  updates from this state and key would compute it (tests/training/test_dmmd_run.py).
+  """
   key = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
-    student = params if which == "student" else state.student
-    aux = params if which == "aux" else state.aux
-    metrics = estimator(student, aux, teacher, x, key)
-    return metrics[loss_name], metrics
+    nets = {"student": state.student, "aux": state.aux, **params}
+    metrics = estimator(nets["student"], nets["aux"], teacher, x, key)
+    return sum(metrics[LOSSES[w]] for w in which), metrics
 
-  params, opt_state = (state.student, state.student_opt) if which == "student" else (
-      state.aux, state.aux_opt)
+  params = {w: getattr(state, w) for w in which}
   grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  if which == "student":
-    state = state.replace(student=params, student_opt=opt_state,
-                          student_ema=state_lib.ema_update(state.student_ema, params, ema_decay))
-  else:
-    state = state.replace(aux=params, aux_opt=opt_state)
-  metrics = dict(metrics, **{f"{which}_grad_norm": optax.global_norm(grads)})
+  for w in which:
+    updates, opt_state = optimizers[w].update(grads[w], getattr(state, f"{w}_opt"), params[w])
+    new = optax.apply_updates(params[w], updates)
+    state = state.replace(**{w: new, f"{w}_opt": opt_state})
+    if w == "student":
+      state = state.replace(student_ema=state_lib.ema_update(state.student_ema, new, ema_decay))
+    metrics = dict(metrics, **{f"{w}_grad_norm": optax.global_norm(grads[w])})
   return state.replace(step=state.step + 1), metrics
 
 
@@ -156,8 +166,12 @@ def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scal
                       aux_opt=state_lib.init_opt_state(aux_opt, teacher, mesh))
 
 
-def update_counts(num_steps: int, aux_updates_per_student: int) -> tuple[int, int]:
-  """(student, auxiliary) updates among the first num_steps (see `is_student_turn`)."""
+def update_counts(num_steps: int, aux_updates_per_student: int,
+                  joint: bool = False) -> tuple[int, int]:
+  """(student, auxiliary) updates among the first num_steps (see `is_student_turn`; joint
+  updates train both networks every time)."""
+  if joint:
+    return num_steps, num_steps
   student = num_steps // (aux_updates_per_student + 1)
   return student, num_steps - student
 
@@ -170,7 +184,7 @@ def distill_optimizers(config: config_lib.ExperimentConfig):
   decay when the run ends.
   """
   d = config.distill
-  counts = update_counts(d.num_steps, d.aux_updates_per_student)
+  counts = update_counts(d.num_steps, d.aux_updates_per_student, d.joint_updates)
   student_steps, aux_steps = (max(n, 1) for n in counts)
 
   def make(learning_rate, total):
@@ -195,17 +209,27 @@ def score_apply_fn(setup):
   return functools.partial(blocks.apply if setup.is_block else denoiser.apply, cfg=model_cfg)
 
 
+class Updates(NamedTuple):
+  """Jitted D-MMD updates, each (state, teacher, batch) → (state, metrics)."""
+
+  student: Callable
+  aux: Callable
+  joint: Callable
+
+
 def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shardings,
                     teacher_shardings):
-  """The two jitted updates (student, auxiliary), sharded over the batch: the three networks'
-  activations are pinned to the batch split (`sharding.on_mesh`) like the teacher step's."""
+  """The jitted `Updates` (student, aux, joint: both from one draw), sharded over the batch: the
+  three networks' activations are pinned to the batch split (`sharding.on_mesh`) like the
+  teacher step's. Each compiles on its first call."""
   c = setup.config
   cfg = dataclasses.replace(cfg, context=setup.is_block)
   estimator = functools.partial(dmmd.moment_matching_estimator, apply_fn=setup.apply_fn,
                                 kernel=setup.kernel, cfg=cfg,
                                 noise_fn=student_noise_fn(setup, cfg),
                                 score_apply_fn=score_apply_fn(setup))
-  common = dict(estimator=estimator, ema_decay=c.distill.ema_decay, seed=c.seed)
+  common = dict(estimator=estimator, optimizers={"student": student_opt, "aux": aux_opt},
+                ema_decay=c.distill.ema_decay, seed=c.seed)
   batch = sharding.batch_sharding(setup.mesh)
   out = (shardings, sharding.replicated(setup.mesh))
 
@@ -214,10 +238,8 @@ def compile_updates(setup, cfg: dmmd.EstimatorConfig, student_opt, aux_opt, shar
                    in_shardings=(shardings, teacher_shardings, batch), out_shardings=out,
                    donate_argnums=0)
 
-  student_update = jit(functools.partial(_update, "gen_loss", "student", optimizer=student_opt,
-                                         **common))
-  aux_update = jit(functools.partial(_update, "aux_loss", "aux", optimizer=aux_opt, **common))
-  return student_update, aux_update
+  return Updates(*(jit(functools.partial(_update, which, **common))
+                   for which in (("student",), ("aux",), ("student", "aux"))))
 
 
 def sample_student(setup, params, cfg: dmmd.EstimatorConfig, num_samples: int, key,
@@ -253,12 +275,13 @@ def distill_student(config, workdir: str) -> dict:
   state = loop.restore_or_init(manager, state, shardings, iterator, workdir)
   log = workdir_lib.MetricsLog(workdir, int(state.step))
 
-  student_update, aux_update = compile_updates(setup, cfg, student_opt, aux_opt, shardings,
-                                               state_lib.shardings_of(teacher))
+  updates = compile_updates(setup, cfg, student_opt, aux_opt, shardings,
+                            state_lib.shardings_of(teacher))
 
   def step_fn(state, batch, index):
-    turn = is_student_turn(index, d.aux_updates_per_student)
-    return (student_update if turn else aux_update)(state, teacher, batch)
+    update = (updates.joint if d.joint_updates else updates.student
+              if is_student_turn(index, d.aux_updates_per_student) else updates.aux)
+    return update(state, teacher, batch)
 
   diagnose = jax.jit(functools.partial(
       diagnostics.diagnose_student, apply_fn=setup.apply_fn,

@@ -73,15 +73,15 @@ def run(shape):
   dstate = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, mesh, jax.random.key(1),
                                       config.distill.noise_init_scale)
   cfg = setup_lib.estimator_config_of(config)
-  student_update, aux_update = dmmd_run.compile_updates(
+  updates = dmmd_run.compile_updates(
       setup, cfg, student_opt, aux_opt, state_lib.shardings_of(dstate),
       state_lib.shardings_of(teacher))
   aux_metrics, student_metrics = {}, {}
   if with_distill:
-    dstate, aux_metrics = aux_update(dstate, teacher, sharding.global_batch(rows[:8], mesh))
+    dstate, aux_metrics = updates.aux(dstate, teacher, sharding.global_batch(rows[:8], mesh))
     # After the auxiliary moved, so that the student gradient is not zero.
-    dstate, student_metrics = student_update(dstate, teacher,
-                                             sharding.global_batch(rows[8:16], mesh))
+    dstate, student_metrics = updates.student(dstate, teacher,
+                                              sharding.global_batch(rows[8:16], mesh))
   out["aux_metrics"] = host(aux_metrics)
   out["student_metrics"] = host(student_metrics)
   sdtt_metrics = {}
@@ -186,7 +186,7 @@ def per_device_flops(shape):
                                      aux_opt, state_lib.shardings_of(dstate),
                                      state_lib.shardings_of(state.params))
   return {name: flops(update.lower(dstate, state.params, batch).compile())
-          for name, update in zip(("student", "aux"), updates, strict=True)}
+          for name, update in (("student", updates.student), ("aux", updates.aux))}
 
 with open(out_path, "w") as f:
   json.dump({"1": per_device_flops((1, 1, 1)), "fsdp8": per_device_flops((1, 8, 1))}, f)

@@ -1,6 +1,7 @@
 """A D-MMD distillation run (`dmmd_jax.training.dmmd_run`): resume exactness, diagnostics, and
 the errors of a run, on the canonical fast digits run (_helpers.FAST)."""
 
+import functools
 import math
 import os
 import shutil
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 
 from dmmd_jax import config_lib
-from dmmd_jax.infra import checkpoints
+from dmmd_jax.infra import checkpoints, sharding
 from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import dmmd_run, loop, teacher_run
+from dmmd_jax.training import setup as setup_lib
+from dmmd_jax.training import state as state_lib
 
 # ------------------------------------------------------------------------------------------------
 
@@ -183,7 +186,7 @@ def test_distill_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(small_te
         return state, metrics
       return run
 
-    return tuple(map(wrap, compile_updates(*args, **kwargs)))
+    return dmmd_run.Updates(*map(wrap, compile_updates(*args, **kwargs)))
 
   monkeypatch.setattr(dmmd_run, "compile_updates", poisoned)
   workdir = tmp_path / "student"
@@ -216,3 +219,47 @@ def test_student_may_choose_its_own_noise_input(small_teacher, tmp_path):
   assert dmmd_run.distill_student(config, str(tmp_path / "student")) == {"step": 2}
   student = checkpoints.load_params(str(tmp_path / "student"), "student")
   assert student["noise_proj"]["kernel"].shape == (3, 64)
+
+
+def test_joint_update_is_a_student_and_an_aux_update_from_the_same_state():
+  """distill.joint_updates: one draw, both networks. From one state and key, the joint update's
+  student (and its EMA and optimizer state) equals the student-only update's and its auxiliary
+  equals the auxiliary-only update's — the same two gradient estimators, so the same fixed point.
+  (Fails if the generator loss's log-ratio lets gradient into the auxiliary, or the auxiliary
+  loss's student sample lets gradient into the student.)"""
+  config = config_lib.typed(_helpers.make_config(
+      "digits", "tiny", **{"model.num_layers": 1, "model.width": 32, "distill.warmup_steps": 0}))
+  setup = setup_lib.build_setup(config, 8)
+  teacher = teacher_run.init_teacher_state(setup, teacher_run.teacher_optimizer(config))[0].params
+  student_opt, aux_opt = dmmd_run.distill_optimizers(config)
+  state = dmmd_run.init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
+                                      jax.random.key(1), 1.0)
+  updates = dmmd_run.compile_updates(setup, setup_lib.estimator_config_of(config), student_opt,
+                                     aux_opt, state_lib.shardings_of(state),
+                                     state_lib.shardings_of(teacher))
+  batch = sharding.global_batch(setup.train_tokens[:8], setup.mesh)
+  state, _ = updates.aux(state, teacher, batch)  # auxiliary ≠ teacher: a non-zero student signal
+  copy = functools.partial(jax.tree.map, jnp.copy)
+  student_only, _ = updates.student(copy(state), teacher, batch)
+  aux_only, _ = updates.aux(copy(state), teacher, batch)
+  joint, metrics = updates.joint(copy(state), teacher, batch)
+  assert {"student_grad_norm", "aux_grad_norm", "gen_loss", "aux_loss"} <= set(metrics)
+  assert _helpers.tree_max_abs_diff(student_only.student, state.student) > 1e-6
+  assert _helpers.tree_max_abs_diff(aux_only.aux, state.aux) > 1e-6
+  for name, expected in (("student", student_only), ("student_ema", student_only),
+                         ("student_opt", student_only), ("aux", aux_only),
+                         ("aux_opt", aux_only)):
+    assert _helpers.tree_max_abs_diff(getattr(joint, name), getattr(expected, name)) <= 1e-6, name
+  assert int(joint.step) == int(state.step) + 1
+
+
+def test_joint_updates_run_count_both_networks_each_update(small_teacher, tmp_path):
+  """A joint-update run: every logged row has both losses and both gradient norms, and each
+  network's schedule is sized to all num_steps updates."""
+  config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 4),
+                          **{"distill.joint_updates": True})
+  assert dmmd_run.update_counts(4, 1, joint=True) == (4, 4)
+  dmmd_run.distill_student(config, str(tmp_path / "joint"))
+  rows = _helpers.read_metrics(tmp_path / "joint")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all({"student_grad_norm", "aux_grad_norm"} <= set(r) for r in rows)
