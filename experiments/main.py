@@ -17,7 +17,7 @@ from dmmd_jax.evaluation import report
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small",
                                           "Experiment config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Directory for all runs and results.")
-_STUDENTS = flags.DEFINE_list("student_steps", ["4", "8", "16"], "Student step counts k.")
+_STUDENTS = flags.DEFINE_list("student_steps", ["4", "16"], "Student step counts k.")
 _TEACHER = flags.DEFINE_list("teacher_steps", ["4", "8", "16", "64", "256"],
                              "Teacher sampling step counts.")
 _NUM = flags.DEFINE_integer("num_samples", 256, "Samples per (model, steps).")
