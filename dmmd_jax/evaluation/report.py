@@ -60,10 +60,16 @@ def _pyplot():
 
 
 def _plot_panel(ax, rows, name: str) -> None:
-  """One metric vs steps: a line per model (error bars from `{name}_se`), reference rows flat."""
+  """One metric vs steps: a line per model (error bars from `{name}_se`), reference rows flat.
+  Non-finite values (e.g. exact_nll when no sample is valid) are left out; a panel with none
+  says so instead of drawing an empty log axis."""
+  drawn = False
   for model in dict.fromkeys(r.model for r in rows if r.kind not in ("data", "samples")):
     pts = sorted((r.steps, r.metrics.get(name, np.nan), r.metrics.get(f"{name}_se", 0.0))
-                 for r in rows if r.model == model)
+                 for r in rows if r.model == model and np.isfinite(r.metrics.get(name, np.nan)))
+    if not pts:
+      continue
+    drawn = True
     xs, ys, errs = zip(*pts, strict=True)
     ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-" if len(pts) > 1 else "s",
                 label=model, markersize=6, capsize=3)
@@ -71,7 +77,10 @@ def _plot_panel(ax, rows, name: str) -> None:
     if r.kind in ("data", "samples") and np.isfinite(r.metrics.get(name, np.nan)):
       ax.axhline(r.metrics[name], color="gray", linestyle="--" if r.kind == "data" else ":",
                  label=r.model)
-  ax.set_xscale("log", base=2)
+  if drawn:
+    ax.set_xscale("log", base=2)
+  else:
+    ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
   ax.set_xlabel("sampling steps")
   ax.set_title(name)
   ax.grid(alpha=0.3)

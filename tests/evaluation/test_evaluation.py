@@ -329,6 +329,16 @@ def test_results_files_table_and_plots(tmp_path):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_a_metric_with_no_finite_model_value(tmp_path):
+  """exact_nll is NaN for a model none of whose samples is valid (a teacher that never copies):
+  the plot still writes, with that panel marked instead of a log axis over no data."""
+  rows = [compare.Row("data", "data", 0, {"exact_nll": 24.0, "copy_rate": 1.0}),
+          *(compare.Row("teacher", "teacher", k, {"exact_nll": np.nan, "copy_rate": 0.0})
+            for k in (4, 64))]
+  report.plot(rows, str(tmp_path / "nan.png"))
+  assert (tmp_path / "nan.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_sample_files_and_overviews(tmp_path):
   text_info = data_types.DataInfo("text", 8, 16)
   tokens = synthetic.sample(SOURCE, 5, seed=0)
