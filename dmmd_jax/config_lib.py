@@ -146,7 +146,7 @@ class DistillConfig:
   warmup_steps: int = 50
   grad_clip: float = 1.0
   aux_updates_per_student: int = 1
-  joint_updates: bool = False  # both networks from one draw per update (ignores the ratio above)
+  joint_updates: bool = False  # both networks from one draw per update (needs the ratio above = 1)
   soft_targets: bool = False
   teacher_temperature: float = 1.0
   teacher_top_p: float = 1.0
@@ -443,6 +443,10 @@ def validate(config) -> None:
          "distill.top_p_mode='hard' makes the student loss diverge (the paper's ablation); set "
          "--config.distill.allow_hard_top_p=True to run it anyway.")
   _check_choice(config.distill.uniform_estimator, UNIFORM_ESTIMATORS, "distill.uniform_estimator")
+  _check(not config.distill.joint_updates or config.distill.aux_updates_per_student == 1,
+         "distill.joint_updates trains both networks at every update, so "
+         "distill.aux_updates_per_student must stay 1 (got "
+         f"{config.distill.aux_updates_per_student}); turn joint_updates off to use a ratio.")
   _check_choice(config.distill.score_dtype, ("float32", "bfloat16"), "distill.score_dtype")
   _check(not config.distill.soft_targets or config.kernel.kind == "masked",
          "distill.soft_targets is defined for the masked kernel only.")

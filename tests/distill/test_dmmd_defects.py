@@ -138,6 +138,15 @@ def test_stratified_times_fill_every_bucket():
   assert np.all((np.asarray(t) >= np.asarray(s)) & (np.asarray(t) <= np.minimum(1, s + 0.5)))
 
 
+def test_config_rejects_a_ratio_with_joint_updates():
+  config = config_lib.base_config()
+  config.distill.update(joint_updates=True, aux_updates_per_student=2)
+  with pytest.raises(config_lib.ConfigError, match="aux_updates_per_student must stay 1"):
+    config_lib.validate(config)
+  config.distill.aux_updates_per_student = 1
+  config_lib.validate(config)
+
+
 def test_config_rejects_unknown_estimator_and_score_dtype():
   for key, value in (("uniform_estimator", "hard"), ("score_dtype", "float16")):
     config = config_lib.base_config()
