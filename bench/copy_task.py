@@ -41,7 +41,6 @@ _OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON config overrides on to
 _UPDATES = flags.DEFINE_integer("updates", 0, "D-MMD updates (0: the recipe's).")
 
 
-
 def learns_the_copy(agreement, freqs) -> bool:
   """The with-noise tests' bounds: agreement ≥ 0.95 with every value frequency in [0.35, 0.65]."""
   return agreement >= 0.95 and all(0.35 <= x <= 0.65 for x in freqs)

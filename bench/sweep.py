@@ -70,22 +70,24 @@ def settings(config, grid) -> list:
   return out
 
 
-def seed_rows(config, workdir, seed, ks, teacher_steps, metrics, num_samples, split, scorers):
-  """Distils (or resumes) this seed's students; returns their and the teacher's flat rows."""
+def seed_rows(config, teacher, resources, workdir, seed, ks, teacher_steps, metrics,
+              num_samples, split):
+  """Distils (or resumes) this seed's students; returns their and the teacher's flat rows.
+
+  teacher: the loaded teacher model; resources: its `registry.Resources` (both loaded once per
+  sweep, not per seed)."""
   students = []
   for k in ks:
     student_dir = os.path.join(workdir, f"seed{seed}", f"student_k{k}")
     dmmd_run.distill_student(config_lib.replace(config, seed=seed, distill={
         "student_steps": k}), student_dir)
     students.append(trained_model.load(student_dir))
-  teacher = trained_model.load(config.distill.teacher_workdir)
 
   def steps_for(model):
     return teacher_steps if model.kind == "teacher" else [model.student_steps]
 
   rows = compare.evaluate([teacher, *students], steps_for, num_samples, teacher, metrics,
-                          seed=seed, bars=False, split=split,
-                          resources=compare.resources_for(teacher, *scorers))
+                          seed=seed, bars=False, split=split, resources=resources)
   return [{"seed": seed, **r.flat(), "model": r.kind if r.kind != "student" else
            f"student_k{r.steps}"} for r in rows]
 
@@ -121,6 +123,8 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
   points = settings(config, grid)  # a bad grid entry fails before any training
   teacher_dir = os.path.join(workdir, "teacher")
   teacher_run.train_teacher(config, teacher_dir)
+  teacher = trained_model.load(teacher_dir)
+  resources = compare.resources_for(teacher, *scorers)
   rows_path = f"{output}_rows.csv"
   rows = read_rows(rows_path)
   for (name, changes), seed in itertools.product(points, seeds):
@@ -128,8 +132,8 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
       continue
     point = main_job.student_config(config_lib.replace(config, **changes), teacher_dir, ks[0])
     new = [{"setting": name, **r} for r in seed_rows(
-        point, os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples,
-        split, scorers)]
+        point, teacher, resources, os.path.join(workdir, name), seed, ks, teacher_steps,
+        metrics, num_samples, split)]
     report.write_csv(rows_path, new, append=True)
     rows += new
   summary = paired_rows(rows, pairs)

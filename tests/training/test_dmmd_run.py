@@ -225,8 +225,8 @@ def test_joint_update_is_a_student_and_an_aux_update_from_the_same_state():
   """distill.joint_updates: one draw, both networks. From one state and key, the joint update's
   student (and its EMA and optimizer state) equals the student-only update's and its auxiliary
   equals the auxiliary-only update's — the same two gradient estimators, so the same fixed point.
-  (Fails if the generator loss's log-ratio lets gradient into the auxiliary, or the auxiliary
-  loss's student sample lets gradient into the student.)"""
+  (Fails if the generator loss's log-ratio lets gradient into the auxiliary; with the default
+  hard targets the auxiliary loss has no path into the student to leak through.)"""
   config = config_lib.typed(_helpers.make_config(
       "digits", "tiny", **{"model.num_layers": 1, "model.width": 32, "distill.warmup_steps": 0}))
   setup = setup_lib.build_setup(config, 8)
