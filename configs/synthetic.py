@@ -34,8 +34,11 @@ SIZES = {
               "model.cond_dim": 64, "model.noise_dim": 16, "train.batch_size": 64,
               "train.num_steps": 3000, "train.learning_rate": 1e-3, "train.ema_decay": 0.99,
               "train.eval_every": 500, "train.checkpoint_every": 500, "sample.steps": 64,
-              "distill.batch_size": 64, "distill.num_steps": 600, "distill.learning_rate": 3e-4,
-              "distill.aux_learning_rate": 3e-4, "distill.checkpoint_every": 300},
+              # Distillation: joint updates at the student rate the seed-100 training-row sweep
+              # preferred (RESULTS.md §1c), as many as fit 15 minutes on 2 CPU cores.
+              "distill.batch_size": 64, "distill.joint_updates": True, "distill.num_steps": 2200,
+              "distill.learning_rate": 1e-3, "distill.aux_learning_rate": 1e-3,
+              "distill.checkpoint_every": 500, "distill.eval_every": 500},
     "base": {"model.num_layers": 8, "model.width": 512, "model.num_heads": 8,
              "model.cond_dim": 128, "model.noise_dim": 48, "train.batch_size": 256,
              "train.num_steps": 50_000, "train.learning_rate": 5e-4, "train.warmup_steps": 1000,
@@ -80,5 +83,8 @@ def get_config(spec: str = "small"):
   config.data.vocab_size = source.vocab_size
   config.data.seq_len = source.seq_len
   config.data.eval_fraction = 0.1
+  # Position i must equal position L − 1 − i: an attention offset that depends on i, which rotary
+  # positions alone (relative offsets) find only slowly; a learned absolute table gives it.
+  config.model.absolute_positions = True
   config_lib.apply_overrides(config, SIZES[preset])
   return config_lib.finish(config, preset)

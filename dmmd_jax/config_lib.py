@@ -86,6 +86,10 @@ class ModelConfig:
   # a tensor axis must split them evenly, and GPT-2's 50,257 is prime to 2); the padded classes
   # are sliced off the logits, so every loss, sampler and metric sees the K real ones.
   vocab_multiple: int = 1
+  # Learned absolute position embeddings added to the token embeddings, besides the rotary ones.
+  # Rotary attention scores see relative offsets only; a source whose position i depends on
+  # position L − 1 − i (configs/synthetic.py, the mirror) needs an offset that depends on i.
+  absolute_positions: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

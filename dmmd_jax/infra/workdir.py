@@ -40,7 +40,8 @@ COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
 
 # Keys added after runs were stored, with the value every earlier run had: a stored config without
 # one compares as that value (model.vocab_multiple 1: no padding).
-ADDED_KEYS = {"model.vocab_multiple": 1, "distill.joint_updates": False}
+ADDED_KEYS = {"model.vocab_multiple": 1, "distill.joint_updates": False,
+              "model.absolute_positions": False}
 
 
 class WorkdirError(ValueError):

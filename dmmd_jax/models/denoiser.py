@@ -1,10 +1,11 @@
 """The denoiser x̂_θ(z_t, t, ε): a bidirectional Transformer with adaLN time conditioning.
 
 Pre-norm blocks (DiT-style adaLN-Zero: the time embedding produces shift/scale/gate per block),
-rotary positions, optional bf16 compute with float32 parameters, and an optional per-position
-Gaussian noise input ε — the D-MMD student's extra randomness — added to the token embeddings
-through a zero-initialised linear projection (so a student copied from a teacher starts equal to
-it). For images the noise is a multi-resolution pyramid (`sample_noise`).
+rotary positions (optionally plus a learned absolute position table), optional bf16 compute with
+float32 parameters, and an optional per-position Gaussian noise input ε — the D-MMD student's
+extra randomness — added to the token embeddings through a zero-initialised linear projection (so
+a student copied from a teacher starts equal to it). For images the noise is a multi-resolution
+pyramid (`sample_noise`).
 
 Flax linen, because every network here is used as a pure function of a parameter pytree: teacher,
 student and auxiliary are three pytrees over one `apply`. Parameters carry logical axis names
@@ -64,6 +65,7 @@ class DenoiserConfig:
   remat: str = "none"  # activation checkpointing of the blocks: a key of REMAT
   block_size: int = 0  # > 0: block-autoregressive (blocks.py); 0: whole-sequence
   vocab_multiple: int = 1  # embedding rows and logits padded to multiples of this (sliced off)
+  absolute_positions: bool = False  # learned `[seq_len, width]` position table added to the input
 
   @property
   def compute_dtype(self):
@@ -203,6 +205,11 @@ class Transformer(nn.Module):
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = emb(tokens).astype(dt)
+    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
+    if cfg.absolute_positions:
+      table = self.param("position_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), ("length", "embed")), (cfg.seq_len, cfg.width))
+      x = x + jnp.asarray(table, dt)[positions][None]
     if noise is not None:
       # init_params always passes noise, so teacher and student share one parameter tree; a
       # teacher (noise=None) never touches these weights, which stay at their zero init.
@@ -217,7 +224,6 @@ class Transformer(nn.Module):
     cond = _dense(cfg.width, ("cond", "embed"), "time_in", dt)(cond)
     cond = nn.silu(_dense(cfg.cond_dim, ("embed", "cond"), "time_out", dt)(nn.silu(cond)))
 
-    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     kvs = []
     block = _block_class(cfg.remat)
     for i in range(cfg.num_layers):

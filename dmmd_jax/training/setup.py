@@ -66,7 +66,7 @@ def denoiser_config_of(config: config_lib.ExperimentConfig, kernel: forward_proc
       image_shape=tuple(image_shape or ()), pyramid_levels=m.pyramid_levels,
       attention_impl=m.attention_impl, remat=m.remat,
       block_size=0 if m.block_size == seq_len else m.block_size,  # one block = whole-sequence
-      vocab_multiple=m.vocab_multiple)
+      vocab_multiple=m.vocab_multiple, absolute_positions=m.absolute_positions)
 
 
 def sampler_config_of(config: config_lib.ExperimentConfig, steps: int | None = None,

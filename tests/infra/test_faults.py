@@ -265,16 +265,19 @@ def test_paths_are_compared_normalised_and_moved_data_does_not_block(tmp_path):
   assert workdir_lib.architecture_mismatch(stored, same, ignore=("data.cache_dir",)) is None
 
 
-def test_configs_stored_before_a_key_existed_compare_as_its_default():
-  """Runs stored before model.vocab_multiple existed had no padding: they match 1, not 128."""
+@pytest.mark.parametrize("key,default,changed", [("vocab_multiple", 1, 128),
+                                                  ("absolute_positions", False, True)])
+def test_configs_stored_before_a_key_existed_compare_as_its_default(key, default, changed):
+  """Runs stored before a model key existed had its default behaviour (no padding, no absolute
+  positions): they match the default, not another value."""
   stored = {"seed": 0, "model": {"width": 8}}
-  same = {"seed": 0, "model": {"width": 8, "vocab_multiple": 1}}
-  padded = {"seed": 0, "model": {"width": 8, "vocab_multiple": 128}}
+  same = {"seed": 0, "model": {"width": 8, key: default}}
+  other = {"seed": 0, "model": {"width": 8, key: changed}}
   assert workdir_guard.field_mismatches("teacher", stored, same, {}, {}) == []
   assert workdir_lib.architecture_mismatch(stored, same) is None
-  assert workdir_guard.field_mismatches("teacher", stored, padded, {}, {}) == [
-      ("model.vocab_multiple", 1, 128)]
-  assert "model.vocab_multiple" in workdir_lib.architecture_mismatch(stored, padded)
+  assert workdir_guard.field_mismatches("teacher", stored, other, {}, {}) == [
+      (f"model.{key}", default, changed)]
+  assert f"model.{key}" in workdir_lib.architecture_mismatch(stored, other)
 
 
 def test_data_fingerprint_is_content_only():

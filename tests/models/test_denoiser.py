@@ -339,3 +339,30 @@ def test_vocabulary_padding_leaves_the_real_classes_unchanged():
                             padded, kernel, sampling.SamplerConfig(steps=4, float64=False), 64,
                             LENGTH)
   assert samples.shape == (64, LENGTH) and 0 <= int(samples.min()) and int(samples.max()) < K
+
+
+ABSOLUTE = dataclasses.replace(MASKED, absolute_positions=True)
+
+
+def test_absolute_positions_add_a_learned_table_to_the_input():
+  """model.absolute_positions adds one learned `[seq_len, width]` row per position to the token
+  embeddings and changes nothing else: with the table zeroed the network is the plain one (same
+  remaining parameters, same logits); with a non-zero table the logits of identical inputs
+  (all MASK) differ between positions the plain network treats alike."""
+  params = live_params(ABSOLUTE)
+  table = params.pop("position_embed")
+  assert table.shape == (LENGTH, 32)
+  assert jax.tree.structure(params) == jax.tree.structure(unboxed_params(MASKED))
+  tokens, t = random_tokens(0, MASKED, mask_frac=0.7), times(0.2, 0.5, 0.9)
+  noise = sample_noise(jax.random.key(1), MASKED, BATCH)
+  np.testing.assert_allclose(
+      apply({**params, "position_embed": jnp.zeros_like(table)}, tokens, t, noise, cfg=ABSOLUTE),
+      apply(params, tokens, t, noise, cfg=MASKED), atol=1e-6)
+
+  masks = jnp.full((1, LENGTH), K, jnp.int32)
+  plain = apply(params, masks, times(0.5), cfg=MASKED)[0]
+  spread = {**params, "position_embed": jnp.asarray(
+      np.random.default_rng(0).normal(size=table.shape), jnp.float32)}
+  moved = apply(spread, masks, times(0.5), cfg=ABSOLUTE)[0]
+  # Positions 3 and 4 sit symmetrically in the sequence: only the table tells them apart here.
+  assert float(jnp.abs(moved[3] - moved[4]).max()) > 10 * float(jnp.abs(plain[3] - plain[4]).max())
