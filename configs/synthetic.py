@@ -36,7 +36,7 @@ SIZES = {
               "train.eval_every": 500, "train.checkpoint_every": 500, "sample.steps": 64,
               # Distillation: joint updates at the student rate the seed-100 training-row sweep
               # preferred (RESULTS.md §1c), as many as fit 15 minutes on 2 CPU cores.
-              "distill.batch_size": 64, "distill.joint_updates": True, "distill.num_steps": 2200,
+              "distill.batch_size": 64, "distill.joint_updates": True, "distill.num_steps": 1800,
               "distill.learning_rate": 1e-3, "distill.aux_learning_rate": 1e-3,
               "distill.checkpoint_every": 500, "distill.eval_every": 500},
     "base": {"model.num_layers": 8, "model.width": 512, "model.num_heads": 8,
