@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from dmmd_jax import cli, config_lib, main_job
 from dmmd_jax.evaluation import compare, paired, registry, report
-from dmmd_jax.training import dmmd_run, teacher_run, trained_model
+from dmmd_jax.training import teacher_run, trained_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Directory for all runs.")
@@ -76,12 +76,10 @@ def seed_rows(config, teacher, resources, workdir, seed, ks, teacher_steps, metr
 
   teacher: the loaded teacher model; resources: its `registry.Resources` (both loaded once per
   sweep, not per seed)."""
-  students = []
-  for k in ks:
-    student_dir = os.path.join(workdir, f"seed{seed}", f"student_k{k}")
-    dmmd_run.distill_student(config_lib.replace(config, seed=seed, distill={
-        "student_steps": k}), student_dir)
-    students.append(trained_model.load(student_dir))
+  dirs = main_job.distill_students(
+      config_lib.replace(config, seed=seed), config.distill.teacher_workdir, ks,
+      lambda k: os.path.join(workdir, f"seed{seed}", f"student_k{k}"), progress=lambda _: None)
+  students = [trained_model.load(d) for d in dirs]
 
   def steps_for(model):
     return teacher_steps if model.kind == "teacher" else [model.student_steps]
@@ -93,13 +91,16 @@ def seed_rows(config, teacher, resources, workdir, seed, ks, teacher_steps, metr
 
 
 def paired_rows(rows, pairs) -> list:
-  """One `paired.Paired.row()` per (setting, pair, metric column)."""
+  """One `paired.Paired.row()` per (setting, pair, metric column) the setting has rows for."""
   out = []
   for setting in dict.fromkeys(r["setting"] for r in rows):
     mine = [r for r in rows if r["setting"] == setting]
+    scored = {(r["model"], int(r["steps"])) for r in mine}
     columns = [c for c in mine[0] if c not in ("setting", "seed", "model", "kind", "steps")
                and not c.endswith("_se")]
     for (k, t), c in itertools.product(pairs, columns):
+      if not {(f"student_k{k}", k), ("teacher", t)} <= scored:
+        continue  # a setting swept with other k or teacher steps than this pair's
       p = paired.compare_rows(mine, c, (f"student_k{k}", k), ("teacher", t),
                               lower_is_better=c not in registry.HIGHER_IS_BETTER)
       out.append({"setting": setting, **p.row(), **(

@@ -6,6 +6,7 @@ in a config file does not import jax):
     config = dmmd_jax.load_config("configs/digits.py:tiny", {"train.num_steps": 50})
     dmmd_jax.train_teacher(config, "runs/teacher")
     dmmd_jax.distill_student(dmmd_jax.student_config(config, "runs/teacher", 4), "runs/k4")
+    dmmd_jax.distill_students(config, "runs/teacher", [4, 16], lambda k: f"runs/k{k}")  # chained
     model = dmmd_jax.load_model("runs/k4")          # teacher or student workdir
     tokens = model.sample(16)                       # int32 [16, length]
     rows = dmmd_jax.evaluate([model], ...)          # or evaluate_workdirs / run_main_job
@@ -23,6 +24,7 @@ _API = {
     "distill_student": ("dmmd_jax.training.dmmd_run", "distill_student"),
     "distill_sdtt": ("dmmd_jax.training.sdtt_run", "distill_sdtt"),
     "student_config": ("dmmd_jax.main_job", "student_config"),
+    "distill_students": ("dmmd_jax.main_job", "distill_students"),
     "load_model": ("dmmd_jax.training.trained_model", "load"),
     "evaluate": ("dmmd_jax.evaluation.compare", "evaluate"),
     "evaluate_workdirs": ("dmmd_jax.evaluation.compare", "evaluate_workdirs"),

@@ -142,6 +142,12 @@ class DistillConfig:
   """D-MMD distillation (and the SDTT baseline's shared keys): losses, optimizers, cadence."""
 
   teacher_workdir: str = ""
+  # A D-MMD student run of the same teacher (e.g. fewer steps k) whose student, student EMA and
+  # auxiliary start this run instead of teacher copies (a curriculum over k); "" = the teacher.
+  init_workdir: str = ""
+  # Multi-student drivers (main job, bench/sweep.py) distil in ascending k and start each student
+  # after the first from the previous one (its init_workdir).
+  curriculum: bool = False
   student_steps: int = 8
   num_steps: int = 1000
   batch_size: int = 32

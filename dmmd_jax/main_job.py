@@ -25,6 +25,24 @@ def student_config(config, teacher_dir: str, k: int) -> config_lib.ExperimentCon
                             distill={"teacher_workdir": teacher_dir, "student_steps": k})
 
 
+def distill_students(config, teacher_dir: str, student_steps, dir_of, progress=print) -> list:
+  """Distils (or resumes) a student per k into dir_of(k) in ascending k; returns their dirs.
+
+  With config.distill.curriculum, each student after the first starts from the previous one
+  (distill.init_workdir: the k = 16 student from the finished k = 4 one).
+  """
+  config = config_lib.typed(config)
+  dirs = []
+  for i, k in enumerate(sorted(student_steps)):
+    student = student_config(config, teacher_dir, k)
+    if config.distill.curriculum and dirs:
+      student = config_lib.replace(student, distill={"init_workdir": dirs[-1]})
+    progress(f"student {i + 1}/{len(student_steps)}: k={k} → {dir_of(k)}")
+    dmmd_run.distill_student(student, dir_of(k))
+    dirs.append(dir_of(k))
+  return dirs
+
+
 def run_main_job(config, workdir: str, student_steps, teacher_steps, num_samples: int,
                  progress=print) -> list:
   """Returns the evaluation rows; writes results and the plot under workdir."""
@@ -33,14 +51,12 @@ def run_main_job(config, workdir: str, student_steps, teacher_steps, num_samples
   progress(f"[1/3] teacher → {teacher_dir}")
   result = teacher_run.train_teacher(config, teacher_dir)
   progress(f"      held-out negative ELBO {result['eval_bpt']:.4f} bits/token")
-  student_dirs = []
-  for i, k in enumerate(student_steps):
-    student_dir = os.path.join(workdir, f"student_k{k}")
-    progress(f"[2/3] student {i + 1}/{len(student_steps)}: k={k} → {student_dir}")
-    dmmd_run.distill_student(student_config(config, teacher_dir, k), student_dir)
+  student_dirs = distill_students(config, teacher_dir, student_steps,
+                                 lambda k: os.path.join(workdir, f"student_k{k}"),
+                                 lambda message: progress(f"[2/3] {message}"))
+  for student_dir in student_dirs:
     report.plot_diagnostics(workdir_lib.read_metrics(student_dir),
                             os.path.join(student_dir, "diagnostics.png"))
-    student_dirs.append(student_dir)
   progress("[3/3] sampling and scoring")
   teacher = trained_model.load(teacher_dir)
   students = [trained_model.load(d) for d in student_dirs]

@@ -3,6 +3,9 @@ r"""Distil a few-step D-MMD student from a trained teacher (or resume distilling
     python experiments/distill.py --config=configs/shakespeare_char.py:small \
         --workdir=runs/shk_k8 --config.distill.teacher_workdir=runs/shk_teacher \
         --config.distill.student_steps=8
+    python experiments/distill.py --config=configs/shakespeare_char.py:small \
+        --workdir=runs/shk_k16 --config.distill.teacher_workdir=runs/shk_teacher \
+        --config.distill.student_steps=16 --config.distill.init_workdir=runs/shk_k8  # curriculum
 
 The config must describe the same data, kernel and network as the teacher's stored config.
 """

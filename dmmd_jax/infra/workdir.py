@@ -41,7 +41,8 @@ COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
 # Keys added after runs were stored, with the value every earlier run had: a stored config without
 # one compares as that value (model.vocab_multiple 1: no padding).
 ADDED_KEYS = {"model.vocab_multiple": 1, "distill.joint_updates": False,
-              "model.absolute_positions": False}
+              "model.absolute_positions": False, "distill.init_workdir": "",
+              "distill.curriculum": False}
 
 
 class WorkdirError(ValueError):
@@ -82,13 +83,13 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
     for key in sorted(set(a) | set(b)):
       name = f"{section}.{key}"
       old = a.get(key, ADDED_KEYS.get(name))
-      same = old == b.get(key) or (key in PATH_KEYS and _norm(old) == _norm(b.get(key)))
+      same = old == b.get(key) or (key in PATH_KEYS and norm_path(old) == norm_path(b.get(key)))
       if not same and name not in ignore and name not in COMPUTE_ONLY_KEYS:
         return f"{section}.{key}: stored {old!r}, now {b.get(key)!r}"
   return None
 
 
-def _norm(path):
+def norm_path(path):
   return os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 

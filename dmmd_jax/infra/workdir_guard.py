@@ -42,8 +42,8 @@ HISTORY_DIR = "config_history"
 # Files that mark a workdir of a kind without run.json.
 RECORD_FILES = {"reference_lm": "reference_lm.json", "feature_net": "feature_net.json"}
 _STUDENT_FIELDS = ("seed", "distill.batch_size", "distill.student_steps",
-                   "distill.teacher_workdir", "distill.use_noise", "distill.uniform_noise",
-                   "data.*", "kernel.*", "model.*")
+                   "distill.teacher_workdir", "distill.init_workdir", "distill.use_noise",
+                   "distill.uniform_noise", "data.*", "kernel.*", "model.*")
 # Config fields (dotted; "section.*" = every key of the section) that define a run: a resume must
 # keep them. reference_lm and feature_net runs do not resume (they retrain from scratch).
 RUN_DEFINING = {
@@ -54,7 +54,8 @@ RUN_DEFINING = {
     "feature_net": (),
 }
 # Fields compared as file-system locations; never-blocking fields.
-PATH_FIELDS = ("data.path", "data.tfds_data_dir", "distill.teacher_workdir")
+PATH_FIELDS = ("data.path", "data.tfds_data_dir", "distill.teacher_workdir",
+               "distill.init_workdir")
 DATA_LOCATION_FIELDS = ("data.path", "data.tfds_data_dir")
 IGNORED_FIELDS = ("data.cache_dir", "resume_override", *workdir_lib.COMPUTE_ONLY_KEYS)
 # run.json entries that define an SDTT run besides the config.

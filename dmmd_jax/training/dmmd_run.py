@@ -142,6 +142,25 @@ def _noise(key, batch_size, *, model_cfg):
   return denoiser.sample_noise(key, model_cfg, batch_size)
 
 
+def load_warm_start(setup, init_workdir: str, teacher_workdir: str) -> dict:
+  """{student, student_ema, aux} of the D-MMD student run in init_workdir, on the mesh.
+
+  The run must be a student of the same teacher (a curriculum over k: a k = 4 student starts the
+  k = 16 one); its optimizer states are not taken.
+  """
+  if not os.path.isdir(init_workdir):
+    raise DistillError(f"distill.init_workdir {init_workdir} does not exist.")
+  info = workdir_lib.load_run_info(init_workdir)
+  if info.get("kind") != "student":
+    raise DistillError(f"distill.init_workdir {init_workdir} is a {info.get('kind')} run, not a "
+                       "D-MMD student.")
+  if workdir_lib.norm_path(info.get("teacher_workdir")) != workdir_lib.norm_path(teacher_workdir):
+    raise DistillError(f"distill.init_workdir {init_workdir} distils {info.get('teacher_workdir')}"
+                       f", not this run's teacher {teacher_workdir}.")
+  return {name: place_params(checkpoints.load_params(init_workdir, name), setup)
+          for name in ("student", "student_ema", "aux")}
+
+
 def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scale: float):
   """Student, its EMA and the auxiliary start as copies of the teacher (never its optimizer).
 
@@ -262,13 +281,14 @@ def distill_student(config, workdir: str) -> dict:
   setup = setup_lib.build_setup(config, d.batch_size)
   cfg = dataclasses.replace(setup_lib.estimator_config_of(config), context=setup.is_block)
   teacher = load_teacher(setup, d.teacher_workdir)
+  warm = load_warm_start(setup, d.init_workdir, d.teacher_workdir) if d.init_workdir else {}
   workdir_guard.claim(workdir, "student", config, {"kind": "student", "data_info": setup.info,
                                                     "student_steps": d.student_steps,
                                                     "teacher_workdir": d.teacher_workdir},
                       (setup.train_tokens, setup.eval_tokens))
   student_opt, aux_opt = distill_optimizers(config)
   state = init_distill_state(teacher, student_opt, aux_opt, setup.mesh,
-                             jax.random.key(config.seed + 1), d.noise_init_scale)
+                             jax.random.key(config.seed + 1), d.noise_init_scale).replace(**warm)
   shardings = state_lib.shardings_of(state)
   iterator = loop.data_iterator(setup, d.batch_size, config.seed)
   manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)

@@ -87,6 +87,9 @@ def check_config(config) -> None:
   if d.teacher_temperature != 1.0 or d.teacher_top_p != 1.0:
     raise SDTTError("SDTT here distils the plain teacher; set distill.teacher_temperature=1 and "
                     "distill.teacher_top_p=1.")
+  if d.init_workdir:
+    raise SDTTError("SDTT starts every round from its teacher; distill.init_workdir is for D-MMD "
+                    "students.")
   if config.model.block_size not in (0, config.data.seq_len):
     raise SDTTError("SDTT here distils whole-sequence teachers; this config has "
                     f"model.block_size={config.model.block_size}.")

@@ -152,11 +152,12 @@ def test_config_checks_and_stored_config():
   stored = sdtt_run.run_config(config)
   assert stored.distill.use_noise is False and config.distill.use_noise is True
   for key, value in [("kernel.kind", "uniform"), ("distill.teacher_top_p", 0.9),
-                     ("distill.teacher_temperature", 0.5)]:
+                     ("distill.teacher_temperature", 0.5),
+                     ("distill.init_workdir", "runs/k4")]:
     bad = copy.deepcopy(config)
     section, name = key.split(".")
     bad[section][name] = value
-    with pytest.raises(sdtt_run.SDTTError):
+    with pytest.raises(sdtt_run.SDTTError, match=name):
       sdtt_run.check_config(bad)
   with pytest.raises(sdtt_run.SDTTError, match="teacher_workdir is empty|power of two"):
     sdtt_run.distill_sdtt(config, "/nonexistent/sdtt", start_steps=12)

@@ -263,3 +263,64 @@ def test_joint_updates_run_count_both_networks_each_update(small_teacher, tmp_pa
   rows = _helpers.read_metrics(tmp_path / "joint")
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert all({"student_grad_norm", "aux_grad_norm"} <= set(r) for r in rows)
+
+
+def _initial_state(config, workdir, monkeypatch):
+  """The DistillState distill_student hands to the training loop (no update is run)."""
+  seen = {}
+
+  def capture(state, **kwargs):
+    del kwargs
+    seen["state"] = state
+    return state
+
+  monkeypatch.setattr(loop, "run_loop", capture)
+  dmmd_run.distill_student(config, workdir)
+  return seen["state"]
+
+
+def test_warm_start_begins_at_the_given_students_parameters(small_teacher, tmp_path, monkeypatch):
+  """distill.init_workdir (a curriculum over k): a k = 8 run starting from a trained k = 4
+  student begins at that student's student / EMA / auxiliary parameters, at step 0; without it,
+  the student and the auxiliary begin as copies of the teacher."""
+  first = str(tmp_path / "k4")
+  dmmd_run.distill_student(student_config(small_teacher, **_helpers.quiet_schedule("distill", 4),
+                                          **{"distill.student_steps": 4,
+                                             "distill.joint_updates": True}), first)
+  warm = _initial_state(student_config(small_teacher, **{"distill.student_steps": 8,
+                                                         "distill.init_workdir": first}),
+                        str(tmp_path / "warm"), monkeypatch)
+  cold = _initial_state(student_config(small_teacher, **{"distill.student_steps": 8}),
+                        str(tmp_path / "cold"), monkeypatch)
+  assert int(warm.step) == 0
+  for name in ("student", "student_ema", "aux"):
+    assert _helpers.tree_max_abs_diff(getattr(warm, name),
+                                      checkpoints.load_params(first, name)) == 0.0, name
+  teacher = checkpoints.load_params(small_teacher, "ema_params")
+  shared = [k for k in teacher if k != "noise_proj"]
+  assert _helpers.tree_max_abs_diff({k: cold.student[k] for k in shared},
+                                    {k: teacher[k] for k in shared}) == 0.0
+  assert _helpers.tree_max_abs_diff({k: warm.student[k] for k in shared},
+                                    {k: teacher[k] for k in shared}) > 1e-5
+
+
+@pytest.mark.parametrize("which, message", [
+    ("missing", "does not exist"),
+    ("teacher", "is a teacher run, not a D-MMD student"),
+    ("other_teacher", "not this run's teacher"),
+])
+def test_warm_start_refuses_what_is_not_a_student_of_this_teacher(small_teacher, tmp_path, which,
+                                                                  message):
+  """One DistillError line, before the student workdir exists."""
+  init = {"missing": str(tmp_path / "nothing"), "teacher": small_teacher}.get(which)
+  if which == "other_teacher":
+    other = str(tmp_path / "other_teacher")
+    shutil.copytree(small_teacher, other, ignore=shutil.ignore_patterns("lock"))
+    init = str(tmp_path / "student_of_other")
+    dmmd_run.distill_student(student_config(other, **_helpers.quiet_schedule("distill", 1)), init)
+  workdir = tmp_path / "student"
+  with pytest.raises(dmmd_run.DistillError, match=message) as info:
+    dmmd_run.distill_student(student_config(small_teacher, **{"distill.init_workdir": init}),
+                             str(workdir))
+  assert "\n" not in str(info.value)
+  assert not workdir.exists()
