@@ -281,7 +281,8 @@ def distill_student(config, workdir: str) -> dict:
   setup = setup_lib.build_setup(config, d.batch_size)
   cfg = dataclasses.replace(setup_lib.estimator_config_of(config), context=setup.is_block)
   teacher = load_teacher(setup, d.teacher_workdir)
-  warm = load_warm_start(setup, d.init_workdir, d.teacher_workdir) if d.init_workdir else {}
+  fresh = d.init_workdir and not checkpoints.has_checkpoint(workdir)  # a resume needs no init
+  warm = load_warm_start(setup, d.init_workdir, d.teacher_workdir) if fresh else {}
   workdir_guard.claim(workdir, "student", config, {"kind": "student", "data_info": setup.info,
                                                     "student_steps": d.student_steps,
                                                     "teacher_workdir": d.teacher_workdir},

@@ -304,6 +304,19 @@ def test_warm_start_begins_at_the_given_students_parameters(small_teacher, tmp_p
                                     {k: teacher[k] for k in shared}) > 1e-5
 
 
+def test_a_warm_started_run_resumes_without_its_init_workdir(small_teacher, tmp_path):
+  """The starting student is read only before the first checkpoint: once the run has one, a
+  rerun resumes from it even after the starting student's workdir is gone."""
+  first, second = str(tmp_path / "k4"), str(tmp_path / "k8")
+  dmmd_run.distill_student(student_config(small_teacher, **_helpers.quiet_schedule("distill", 1),
+                                          **{"distill.student_steps": 4}), first)
+  config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 2),
+                          **{"distill.student_steps": 8, "distill.init_workdir": first})
+  assert dmmd_run.distill_student(config, second) == {"step": 2}
+  shutil.rmtree(first)
+  assert dmmd_run.distill_student(config, second) == {"step": 2}
+
+
 @pytest.mark.parametrize("which, message", [
     ("missing", "does not exist"),
     ("teacher", "is a teacher run, not a D-MMD student"),
