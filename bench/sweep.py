@@ -11,11 +11,13 @@ Choose settings on training rows and other seeds, then report fresh seeds on hel
 
 One teacher (the config's seed) in WORKDIR/teacher. For every setting of the grid (the product of
 its `key=v1|v2|…` entries; none: the config as it is) and every seed s, a student per k in
-WORKDIR/[SETTING/]seed{s}/student_k{k} (config.seed = s). The teacher at every --teacher_steps
-and each student at its k are sampled with sampling seed s and scored against the same rows
-(`evaluation.compare.evaluate`; --split=eval: held-out rows, --split=train: training rows, for
-choosing settings). A pair K:T compares the k = K student with the teacher at T steps per seed
-(`evaluation.paired`: mean difference, paired SE, verdict), per setting.
+WORKDIR/[SETTING/]seed{s}/student_k{k} (config.seed = s), distilled in ascending k as the main job
+does (`main_job.distill_students`: with distill.curriculum each starts from the previous). The
+teacher at every --teacher_steps and each student at its k are sampled with sampling seed s and
+scored against the same rows (`evaluation.compare.evaluate`; --split=eval: held-out rows,
+--split=train: training rows, for choosing settings). A pair K:T compares the k = K student with
+the teacher at T steps per seed (`evaluation.paired`: mean difference, paired SE, verdict), per
+setting.
 
 Writes OUTPUT_rows.csv (a row per setting, seed, model and steps; appended as each finishes, so
 a rerun skips what is there) and OUTPUT_paired.csv, and prints the paired table. Distillations
