@@ -72,14 +72,14 @@ def settings(config, grid) -> list:
   return out
 
 
-def seed_rows(config, teacher, resources, workdir, seed, ks, teacher_steps, metrics,
-              num_samples, split):
+def seed_rows(config, teacher_dir, teacher, resources, workdir, seed, ks, teacher_steps,
+              metrics, num_samples, split):
   """Distils (or resumes) this seed's students; returns their and the teacher's flat rows.
 
   teacher: the loaded teacher model; resources: its `registry.Resources` (both loaded once per
   sweep, not per seed)."""
   dirs = main_job.distill_students(
-      config_lib.replace(config, seed=seed), config.distill.teacher_workdir, ks,
+      config_lib.replace(config, seed=seed), teacher_dir, ks,
       lambda k: os.path.join(workdir, f"seed{seed}", f"student_k{k}"), progress=lambda _: None)
   students = [trained_model.load(d) for d in dirs]
 
@@ -133,10 +133,9 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
   for (name, changes), seed in itertools.product(points, seeds):
     if any(r["setting"] == name and r["seed"] == seed for r in rows):
       continue
-    point = main_job.student_config(config_lib.replace(config, **changes), teacher_dir, ks[0])
     new = [{"setting": name, **r} for r in seed_rows(
-        point, teacher, resources, os.path.join(workdir, name), seed, ks, teacher_steps,
-        metrics, num_samples, split)]
+        config_lib.replace(config, **changes), teacher_dir, teacher, resources,
+        os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples, split)]
     report.write_csv(rows_path, new, append=True)
     rows += new
   summary = paired_rows(rows, pairs)

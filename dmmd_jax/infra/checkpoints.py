@@ -49,7 +49,13 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def load_params(workdir: str, name: str, step=None):
-  """Parameters `name` (e.g. "ema_params", "student_ema") of a run's checkpoint, as host arrays.
+  """Parameters `name` (e.g. "ema_params", "student_ema") of a run's checkpoint, as host arrays
+  (`load_param_trees` with one name)."""
+  return load_param_trees(workdir, (name,), step)[name]
+
+
+def load_param_trees(workdir: str, names, step=None) -> dict:
+  """{name: parameters} of several trees of one checkpoint (one read), as host arrays.
 
   Restores without a target, so it needs no optimizer or model object, and as numpy arrays, so
   it works on any number of devices and processes (not only the topology that saved it). Without
@@ -73,10 +79,11 @@ def load_params(workdir: str, name: str, step=None):
         workdir, saved_steps(workdir) if step is None else [step], read)
   finally:
     manager.close()
-  if name not in state:
-    raise workdir_lib.WorkdirError(f"checkpoint {workdir}/checkpoints/{step} has no {name!r} "
-                       f"(it holds {sorted(state)}).")
-  return state[name]
+  missing = [name for name in names if name not in state]
+  if missing:
+    raise workdir_lib.WorkdirError(f"checkpoint {workdir}/checkpoints/{step} has no "
+                                   f"{missing[0]!r} (it holds {sorted(state)}).")
+  return {name: state[name] for name in names}
 
 
 UNREADABLE_SUFFIX = ".unreadable"

@@ -157,8 +157,8 @@ def load_warm_start(setup, init_workdir: str, teacher_workdir: str) -> dict:
   if workdir_lib.norm_path(info.get("teacher_workdir")) != workdir_lib.norm_path(teacher_workdir):
     raise DistillError(f"distill.init_workdir {init_workdir} distils {info.get('teacher_workdir')}"
                        f", not this run's teacher {teacher_workdir}.")
-  return {name: place_params(checkpoints.load_params(init_workdir, name), setup)
-          for name in ("student", "student_ema", "aux")}
+  trees = checkpoints.load_param_trees(init_workdir, ("student", "student_ema", "aux"))
+  return {name: place_params(params, setup) for name, params in trees.items()}
 
 
 def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scale: float):
