@@ -2,6 +2,7 @@
 the errors of a run, on the canonical fast digits run (_helpers.FAST)."""
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -326,9 +327,8 @@ def test_warm_start_refuses_what_is_not_a_student_of_this_teacher(small_teacher,
                                                                   message):
   """One DistillError line, before the student workdir exists."""
   init = {"missing": str(tmp_path / "nothing"), "teacher": small_teacher}.get(which)
-  if which == "other_teacher":
-    other = str(tmp_path / "other_teacher")
-    shutil.copytree(small_teacher, other, ignore=shutil.ignore_patterns("lock"))
+  if which == "other_teacher":  # another teacher run: a copy given its own run id
+    other = _copy_teacher(small_teacher, str(tmp_path / "other_teacher"), run_id="another-run")
     init = str(tmp_path / "student_of_other")
     dmmd_run.distill_student(student_config(other, **_helpers.quiet_schedule("distill", 1)), init)
   workdir = tmp_path / "student"
@@ -337,3 +337,24 @@ def test_warm_start_refuses_what_is_not_a_student_of_this_teacher(small_teacher,
                              str(workdir))
   assert "\n" not in str(info.value)
   assert not workdir.exists()
+
+
+def _copy_teacher(teacher, destination, run_id=None):
+  shutil.copytree(teacher, destination, ignore=shutil.ignore_patterns("lock"))
+  if run_id is not None:
+    path = os.path.join(destination, "run.json")
+    info = {**workdir_lib.read_json(path), "run_id": run_id}
+    with open(path, "w") as f:
+      json.dump(info, f)
+  return destination
+
+
+def test_warm_start_accepts_a_student_of_the_same_teacher_moved(small_teacher, tmp_path):
+  """The starting student was distilled from the teacher at another path (moved or copied: the
+  same run id), as workdir_guard accepts on resume; its parameters are taken."""
+  moved = _copy_teacher(small_teacher, str(tmp_path / "moved_teacher"))
+  first = str(tmp_path / "k4")
+  dmmd_run.distill_student(student_config(moved, **_helpers.quiet_schedule("distill", 1)), first)
+  config = student_config(small_teacher, **_helpers.quiet_schedule("distill", 1),
+                          **{"distill.student_steps": 8, "distill.init_workdir": first})
+  assert dmmd_run.distill_student(config, str(tmp_path / "k8")) == {"step": 1}
