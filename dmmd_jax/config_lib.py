@@ -164,6 +164,9 @@ class DistillConfig:
   allow_hard_top_p: bool = False
   top_p_delta: float = 2.0
   samples_per_z: int = 1
+  # Student times t: "continuous" anywhere in (0, 1] (the paper), "grid" only at the k times of
+  # its sampling grid (sample.grid), `dmmd.sample_times`.
+  time_sampling: str = "continuous"
   posterior_gap: float = 1e-3
   use_noise: bool = True
   uniform_noise: bool = False
@@ -453,6 +456,7 @@ def validate(config) -> None:
          "distill.top_p_mode='hard' makes the student loss diverge (the paper's ablation); set "
          "--config.distill.allow_hard_top_p=True to run it anyway.")
   _check_choice(config.distill.uniform_estimator, UNIFORM_ESTIMATORS, "distill.uniform_estimator")
+  _check_choice(config.distill.time_sampling, ("continuous", "grid"), "distill.time_sampling")
   _check(not config.distill.joint_updates or config.distill.aux_updates_per_student == 1,
          "distill.joint_updates trains both networks at every update, so "
          "distill.aux_updates_per_student must stay 1 (got "

@@ -90,11 +90,26 @@ class EstimatorConfig:
   use_noise: bool = True
   uniform_estimator: str = "soft"
   context: bool = False  # block model (setup.is_block, set by training.dmmd_run.compile_updates)
+  # "": t anywhere in (0, 1] (Algorithm 1); a `schedules.time_grid` name: t only at the k times
+  # the student's k-step sampler calls it (`sample_times`).
+  time_grid: str = ""
 
 
-def sample_times(key, batch_size: int, student_steps: int):
-  """s ~ U(0, 1), t = min(1, s + δ) with δ ~ U(0, 1/k): two `[batch]` arrays."""
+def sample_times(key, batch_size: int, student_steps: int, grid: str = ""):
+  """(s, t), two `[batch]` arrays.
+
+  grid "": s ~ U(0, 1), t = min(1, s + δ) with δ ~ U(0, 1/k) (Algorithm 1). grid a
+  `schedules.time_grid` name with times 1 = t_k > … > t_0 = 0: t = t_i with i uniform in 1…k, the
+  times at which the k-step sampler calls the student, and s ~ U(t_{i−1}, t_i), the span its step
+  from t_i covers. The fixed point is the same — the student's z_s matches the data's at every s
+  its sampler produces — but no update goes to a t the sampler never visits.
+  """
   s_key, d_key = jax.random.split(key)
+  if grid:
+    times = schedules.time_grid(student_steps, grid)
+    i = jax.random.randint(s_key, (batch_size,), 0, student_steps)  # t_k, …, t_1 at index 0 … k−1
+    t, lower = times[i], times[i + 1]
+    return lower + jax.random.uniform(d_key, (batch_size,)) * (t - lower), t
   s = jax.random.uniform(s_key, (batch_size,))
   delta = jax.random.uniform(d_key, (batch_size,), maxval=1.0 / student_steps)
   return s, jnp.minimum(1.0, s + delta)
@@ -156,7 +171,8 @@ def student_draw(key, student_params, x, *, apply_fn, kernel, cfg: EstimatorConf
   (differentiable w.r.t. student_params).
   """
   time_key, zt_key, noise_key, x_key, zs_key = jax.random.split(key, 5)
-  s, t = times if times is not None else sample_times(time_key, x.shape[0], cfg.student_steps)
+  s, t = times if times is not None else sample_times(time_key, x.shape[0], cfg.student_steps,
+                                                       cfg.time_grid)
   z_t = forward_process.sample_marginal(zt_key, kernel, x, t)
   noise = noise_fn(noise_key, x.shape[0]) if (cfg.use_noise and noise_fn) else None
   log_p = jax.nn.log_softmax(apply_fn(student_params, z_t, t, noise), axis=-1)

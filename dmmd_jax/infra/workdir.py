@@ -42,7 +42,7 @@ COMPUTE_ONLY_KEYS = ("model.remat", "data.verify_shards")
 # one compares as that value (model.vocab_multiple 1: no padding).
 ADDED_KEYS = {"model.vocab_multiple": 1, "distill.joint_updates": False,
               "model.absolute_positions": False, "distill.init_workdir": "",
-              "distill.curriculum": False}
+              "distill.curriculum": False, "distill.time_sampling": "continuous"}
 
 
 class WorkdirError(ValueError):

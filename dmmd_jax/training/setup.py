@@ -88,7 +88,8 @@ def estimator_config_of(config: config_lib.ExperimentConfig) -> dmmd.EstimatorCo
       student_steps=d.student_steps, samples_per_z=d.samples_per_z, soft_targets=d.soft_targets,
       teacher_temperature=d.teacher_temperature, teacher_top_p=d.teacher_top_p,
       top_p_mode=d.top_p_mode, top_p_delta=d.top_p_delta, posterior_gap=d.posterior_gap,
-      use_noise=use_noise, uniform_estimator=d.uniform_estimator)
+      use_noise=use_noise, uniform_estimator=d.uniform_estimator,
+      time_grid=config.sample.grid if d.time_sampling == "grid" else "")
 
 
 def data_config_of(run_config) -> config_lib.DataConfig:

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from dmmd_jax import config_lib
-from dmmd_jax.diffusion import forward_process
+from dmmd_jax.diffusion import forward_process, schedules
 from dmmd_jax.distill import dmmd
+from dmmd_jax.training import setup
 
 K = 3  # data tokens
 L = 2  # sequence length
@@ -368,3 +369,35 @@ def test_losses_are_finite_when_s_is_exactly_zero():
                           cfg=dcfg(uniform_estimator=estimator))
       assert np.isfinite(float(out["gen_loss"])), (kernel.kind, estimator, out)
       assert np.isfinite(float(out["aux_loss"])), (kernel.kind, estimator, out)
+
+
+@pytest.mark.parametrize("grid", ["uniform", "cosine"])
+def test_grid_times_are_the_students_sampler_times_and_spans(grid):
+  """time_sampling="grid": t is one of the k times the sampler calls the student at, each with
+  frequency 1/k, and s is uniform over the span that step covers, (t_{i−1}, t_i)."""
+  k, n = 4, 40_000
+  times = np.asarray(schedules.time_grid(k, grid))  # 1 = t_k > … > t_0 = 0
+  s, t = map(np.asarray, dmmd.sample_times(jax.random.key(0), n, k, grid))
+  index = np.argmin(np.abs(t[:, None] - times[None, :k]), axis=1)
+  np.testing.assert_allclose(t, times[index], atol=1e-7)
+  np.testing.assert_allclose(np.bincount(index, minlength=k) / n, 1 / k, atol=0.01)
+  lower = times[index + 1]
+  u = (s - lower) / (t - lower)
+  assert u.min() >= 0 and u.max() <= 1
+  np.testing.assert_allclose(np.histogram(u, bins=5, range=(0, 1))[0] / n, 0.2, atol=0.01)
+
+
+def test_continuous_times_cover_the_unit_interval():
+  s, t = map(np.asarray, dmmd.sample_times(jax.random.key(0), 40_000, 4))
+  assert np.all(t - s <= 0.25 + 1e-7) and np.all(t >= s)
+  np.testing.assert_allclose(np.histogram(s, bins=4, range=(0, 1))[0] / s.size, 0.25, atol=0.01)
+  np.testing.assert_allclose(np.mean(t == 1.0), 1 / 8, atol=0.01)  # E[δ] of clipped s + δ
+
+
+def test_config_maps_time_sampling_to_the_sampler_grid():
+  config = config_lib.typed(config_lib.finish(config_lib.base_config(), "tiny"))
+  grid = config_lib.replace(config, distill={"time_sampling": "grid"}, sample={"grid": "cosine"})
+  assert setup.estimator_config_of(grid).time_grid == "cosine"
+  assert setup.estimator_config_of(config).time_grid == ""
+  with pytest.raises(config_lib.ConfigError, match="time_sampling"):
+    config_lib.validate(config_lib.replace(config, distill={"time_sampling": "grids"}))
