@@ -73,11 +73,14 @@ def settings(config, grid) -> list:
 
 
 def seed_rows(config, teacher_dir, teacher, resources, workdir, seed, ks, teacher_steps,
-              metrics, num_samples, split):
-  """Distils (or resumes) this seed's students; returns their and the teacher's flat rows.
+              metrics, num_samples, split, teacher_rows=None):
+  """Distils (or resumes) this seed's students; returns the data's, the teacher's and their flat
+  rows.
 
   teacher: the loaded teacher model; resources: its `registry.Resources` (both loaded once per
-  sweep, not per seed)."""
+  sweep, not per seed). teacher_rows: this seed's data and teacher rows from another setting of
+  the same sweep — the same teacher, sampling seed, rows and metrics give the same numbers — or
+  None to sample and score the teacher."""
   dirs = main_job.distill_students(
       config_lib.replace(config, seed=seed), teacher_dir, ks,
       lambda k: os.path.join(workdir, f"seed{seed}", f"student_k{k}"), progress=lambda _: None)
@@ -86,10 +89,14 @@ def seed_rows(config, teacher_dir, teacher, resources, workdir, seed, ks, teache
   def steps_for(model):
     return teacher_steps if model.kind == "teacher" else [model.student_steps]
 
-  rows = compare.evaluate([teacher, *students], steps_for, num_samples, teacher, metrics,
-                          seed=seed, bars=False, split=split, resources=resources)
-  return [{"seed": seed, **r.flat(), "model": r.kind if r.kind != "student" else
-           f"student_k{r.steps}"} for r in rows]
+  models = students if teacher_rows else [teacher, *students]
+  rows = [{"seed": seed, **r.flat(), "model": r.kind if r.kind != "student" else
+           f"student_k{r.steps}"} for r in compare.evaluate(
+               models, steps_for, num_samples, teacher, metrics, seed=seed, bars=False,
+               split=split, resources=resources)]
+  if teacher_rows:
+    return [*teacher_rows, *(r for r in rows if r["model"] != "data")]
+  return rows
 
 
 def paired_rows(rows, pairs) -> list:
@@ -130,12 +137,15 @@ def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_sam
   resources = compare.resources_for(teacher, *scorers)
   rows_path = f"{output}_rows.csv"
   rows = read_rows(rows_path)
+  teacher_rows = {}  # seed → its data and teacher rows, scored once per sweep run
   for (name, changes), seed in itertools.product(points, seeds):
     if any(r["setting"] == name and r["seed"] == seed for r in rows):
       continue
-    new = [{"setting": name, **r} for r in seed_rows(
-        config_lib.replace(config, **changes), teacher_dir, teacher, resources,
-        os.path.join(workdir, name), seed, ks, teacher_steps, metrics, num_samples, split)]
+    scored = seed_rows(config_lib.replace(config, **changes), teacher_dir, teacher, resources,
+                       os.path.join(workdir, name), seed, ks, teacher_steps, metrics,
+                       num_samples, split, teacher_rows.get(seed))
+    teacher_rows[seed] = [r for r in scored if r["model"] in ("data", "teacher")]
+    new = [{"setting": name, **r} for r in scored]
     report.write_csv(rows_path, new, append=True)
     rows += new
   summary = paired_rows(rows, pairs)
