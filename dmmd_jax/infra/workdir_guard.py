@@ -152,6 +152,25 @@ def _same_known(a: dict, b: dict, key: str) -> bool:
   return a.get(key) is not None and a.get(key) == b.get(key)
 
 
+def _teacher_info(teacher_workdir: str) -> dict:
+  """{"teacher_run_id": …} from the teacher's run.json, or {} where it has none yet."""
+  path = os.path.join(teacher_workdir, "run.json")
+  if not os.path.exists(path):
+    return {}
+  return {"teacher_run_id": workdir_lib.read_json(path).get("run_id")}
+
+
+def same_teacher(student_info: dict, teacher_workdir: str) -> bool:
+  """Whether a student's run.json names the teacher in teacher_workdir: by the teacher's run id
+  where both are recorded (a moved or copied teacher still counts, as in `field_mismatches`),
+  else by path."""
+  teacher = _teacher_info(teacher_workdir)
+  if teacher.get("teacher_run_id") is not None and student_info.get("teacher_run_id") is not None:
+    return _same_known(student_info, teacher, "teacher_run_id")
+  return normalised_path(student_info.get("teacher_workdir") or "") == normalised_path(
+      teacher_workdir)
+
+
 def moved_data_keys(teacher_workdir: str, setup) -> tuple:
   """Data-location keys a student may spell differently from its teacher: data.cache_dir always,
   data.path and data.tfds_data_dir too when the teacher recorded the same data fingerprint."""
@@ -290,9 +309,8 @@ def claim(workdir: str, kind: str, config, run_info: dict, data=None) -> None:
   if data is not None:
     run_info["data_fingerprint"] = data_fingerprint(*data)
   teacher = config.distill.teacher_workdir if kind in ("student", "sdtt") else ""
-  if teacher and os.path.exists(os.path.join(teacher, "run.json")):
-    run_info["teacher_run_id"] = workdir_lib.read_json(
-        os.path.join(teacher, "run.json")).get("run_id")
+  if teacher:
+    run_info.update(_teacher_info(teacher))
   check(workdir, kind, config, run_info)
   if jax.process_index() != 0:
     return

@@ -154,23 +154,11 @@ def load_warm_start(setup, init_workdir: str, teacher_workdir: str) -> dict:
   if info.get("kind") != "student":
     raise DistillError(f"distill.init_workdir {init_workdir} is a {info.get('kind')} run, not a "
                        "D-MMD student.")
-  if not _same_teacher(info, teacher_workdir):
+  if not workdir_guard.same_teacher(info, teacher_workdir):
     raise DistillError(f"distill.init_workdir {init_workdir} distils {info.get('teacher_workdir')}"
                        f", not this run's teacher {teacher_workdir}.")
   trees = checkpoints.load_param_trees(init_workdir, ("student", "student_ema", "aux"))
   return {name: place_params(params, setup) for name, params in trees.items()}
-
-
-def _same_teacher(student_info: dict, teacher_workdir: str) -> bool:
-  """Whether a student's run.json names the teacher in teacher_workdir: by the teacher's run id
-  where both are recorded (so a moved or copied teacher still counts, as in
-  `workdir_guard.field_mismatches`), else by path."""
-  path = os.path.join(teacher_workdir, "run.json")
-  run_id = workdir_lib.read_json(path).get("run_id") if os.path.exists(path) else None
-  if run_id is not None and student_info.get("teacher_run_id") is not None:
-    return student_info["teacher_run_id"] == run_id
-  return (workdir_lib.norm_path(student_info.get("teacher_workdir"))
-          == workdir_lib.norm_path(teacher_workdir))
 
 
 def init_distill_state(teacher, student_opt, aux_opt, mesh, key, noise_init_scale: float):
