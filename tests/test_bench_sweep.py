@@ -37,6 +37,7 @@ def test_pairs_a_setting_was_not_swept_for_are_skipped(sweep):
   assert [round(r["diff"], 6) for r in table] == [-0.2, -0.1, 0.2]
 
 
+@pytest.mark.slow  # ≈ 30 s: trains and distils twice; a bench tool's cache, not the library
 def test_teacher_rows_are_scored_once_and_equal_an_uncached_run(sweep, tmp_path, monkeypatch):
   """Two settings, one seed: the teacher is sampled for the first setting only, and the second
   setting's rows (teacher rows from the cache) equal those of a sweep of that setting alone."""

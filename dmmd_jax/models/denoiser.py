@@ -284,13 +284,15 @@ def sample_noise(key, cfg: DenoiserConfig, batch_size: int):
   projection: i.i.d. N(0, 1) per position and feature.
   pyramid: images (H, W, C) flattened row-major; `noise_dim` features split evenly over
     `pyramid_levels` resolutions H/2^l × W/2^l (nearest-upsampled), so neighbouring pixels share
-    coarse noise — the multi-resolution input the paper uses for image students.
+    coarse noise — the multi-resolution input the paper uses for image students. A sequence
+    (no image shape) is an L × 1 × 1 image: level l is shared by runs of 2^l positions, and a
+    level with 2^l ≥ L is one noise vector for the whole sequence.
   """
   if cfg.noise_kind == "none":
     return None
   if cfg.noise_kind == "projection":
     return jax.random.normal(key, (batch_size, cfg.seq_len, cfg.noise_dim))
-  h, w, c = cfg.image_shape
+  h, w, c = cfg.image_shape or (cfg.seq_len, 1, 1)
   per_level = cfg.noise_dim // cfg.pyramid_levels
   levels = []
   for level, k in enumerate(jax.random.split(key, cfg.pyramid_levels)):
@@ -323,8 +325,9 @@ def validate_config(cfg: DenoiserConfig) -> None:
        f"model.noise_kind must be one of {config_lib.NOISE_KINDS}"),
       (cfg.noise_kind == "none" or cfg.noise_dim > 0,
        "model.noise_dim must be positive when model.noise_kind is not 'none'"),
-      (cfg.noise_kind != "pyramid" or len(cfg.image_shape) == 3,
-       "model.noise_kind='pyramid' needs image data (H, W, C)"),
+      (cfg.noise_kind != "pyramid" or len(cfg.image_shape) in (0, 3),
+       f"model.noise_kind='pyramid' needs an image shape (H, W, C) or none, got "
+       f"{cfg.image_shape}"),
       (cfg.noise_kind != "pyramid" or cfg.noise_dim % max(cfg.pyramid_levels, 1) == 0,
        "model.noise_dim must be divisible by model.pyramid_levels"),
       (cfg.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),

@@ -245,6 +245,33 @@ def test_pyramid_noise_is_shared_by_neighbours_and_feeds_the_network():
   assert np.abs(np.asarray(out - apply(params, tokens, t, noise[4:8], cfg=PYRAMID))).max() > 1e-3
 
 
+def test_sequence_pyramid_shares_level_l_over_runs_of_two_to_the_l_positions():
+  """A sequence is an L × 1 × 1 image: level l is constant on runs of 2^l positions, a level
+  with 2^l ≥ L is one vector for the whole sequence, and level 0 is independent per position."""
+  length, levels, per_level = 12, 5, 2  # 2^4 = 16 ≥ 12: the last level is global
+  cfg = dataclasses.replace(MASKED, seq_len=length, noise_kind="pyramid", image_shape=(),
+                            pyramid_levels=levels, noise_dim=levels * per_level)
+  denoiser.validate_config(cfg)
+  noise = np.asarray(sample_noise(jax.random.key(2), cfg, 2048))
+  assert noise.shape == (2048, length, levels * per_level)
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
+  for level in range(levels):
+    feats = noise[..., level * per_level:(level + 1) * per_level]
+    run = 2**level
+    for i in range(length):
+      np.testing.assert_array_equal(feats[:, i], feats[:, i - i % run])
+    end = min(run, length) - 1
+    if end:  # the first run's start and end differ at the finer levels only
+      assert not np.array_equal(noise[:, 0, :level * per_level],
+                                noise[:, end, :level * per_level])
+  np.testing.assert_array_equal(noise[:, 0, -per_level:], noise[:, -1, -per_level:])
+  fine = noise[..., :per_level]
+  assert abs(np.mean(fine[:, :-1] * fine[:, 1:])) < 0.05
+  # The last level ties the two ends of the sequence; level 3 (runs of 8) does not.
+  level3 = noise[..., 3 * per_level:4 * per_level]
+  assert abs(np.mean(level3[:, 0] * level3[:, -1])) < 0.1
+
+
 # ------------------------------------------------------------------------------------------------
 # Configuration and partitioning metadata.
 
@@ -263,7 +290,7 @@ def test_validate_config_accepts_valid_configs():
     (dict(seq_len=0), "sequence length"),
     (dict(noise_kind="gaussian"), "noise_kind"),
     (dict(noise_dim=0), "noise_dim"),
-    (dict(noise_kind="pyramid", image_shape=()), "image"),
+    (dict(noise_kind="pyramid", image_shape=(2, 4)), "image"),
     (dict(noise_kind="pyramid", image_shape=(2, 2, 2), noise_dim=4, pyramid_levels=3),
      "pyramid_levels"),
     (dict(dtype="float16"), "dtype"),
