@@ -90,6 +90,8 @@ def architecture_mismatch(stored: dict, current: dict, ignore=()):
 
 
 def norm_path(path):
+  """A location as compared between runs: user expanded, `a//b/./c` → `a/b/c`, links resolved
+  (non-strings and "" unchanged)."""
   return os.path.realpath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 

@@ -80,11 +80,6 @@ def stored_kind(workdir: str) -> str | None:
   return None
 
 
-def normalised_path(value: str) -> str:
-  """A location as compared between runs: user expanded, `a//b/./c` → `a/b/c`, links resolved."""
-  return os.path.realpath(os.path.expanduser(value)) if value else ""
-
-
 def data_fingerprint(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> str:
   """sha256 of the loaded token arrays (shape, dtype and values): equal iff the data are."""
   digest = hashlib.sha256()
@@ -119,7 +114,7 @@ def _defining_keys(kind: str, stored: dict, current: dict) -> list:
 
 def _same_value(key: str, old, new) -> bool:
   if key in PATH_FIELDS and isinstance(old, str) and isinstance(new, str):
-    return old == new or normalised_path(old) == normalised_path(new)
+    return old == new or workdir_lib.norm_path(old) == workdir_lib.norm_path(new)
   return old == new
 
 
@@ -167,7 +162,7 @@ def same_teacher(student_info: dict, teacher_workdir: str) -> bool:
   teacher = _teacher_info(teacher_workdir)
   if teacher.get("teacher_run_id") is not None and student_info.get("teacher_run_id") is not None:
     return _same_known(student_info, teacher, "teacher_run_id")
-  return normalised_path(student_info.get("teacher_workdir") or "") == normalised_path(
+  return workdir_lib.norm_path(student_info.get("teacher_workdir") or "") == workdir_lib.norm_path(
       teacher_workdir)
 
 
@@ -224,7 +219,7 @@ def check(workdir: str, kind: str, config, run_info: dict) -> None:
   check_location(workdir)
   if kind in ("student", "sdtt"):
     teacher = config.distill.teacher_workdir
-    if teacher and normalised_path(teacher) == normalised_path(workdir):
+    if teacher and workdir_lib.norm_path(teacher) == workdir_lib.norm_path(workdir):
       raise workdir_lib.WorkdirError(
           f"--workdir {workdir} is the teacher's workdir; a student needs its own --workdir "
           "(distilling there would overwrite the teacher).")
@@ -255,7 +250,7 @@ def lock(workdir: str) -> None:
   Re-entrant within one process. Raises WorkdirError("workdir in use by PID n") when another
   process holds it; the kernel drops the lock when its holder exits or is killed.
   """
-  key = normalised_path(workdir)
+  key = workdir_lib.norm_path(workdir)
   if key in _HELD:
     return
   os.makedirs(workdir, exist_ok=True)
@@ -277,7 +272,7 @@ def lock(workdir: str) -> None:
 
 
 def release(workdir: str) -> None:
-  fd = _HELD.pop(normalised_path(workdir), None)
+  fd = _HELD.pop(workdir_lib.norm_path(workdir), None)
   if fd is not None:
     os.close(fd)  # closing the only descriptor drops the flock
 
