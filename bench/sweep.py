@@ -21,11 +21,15 @@ setting.
 
 Writes OUTPUT_rows.csv (a row per setting, seed, model and steps; appended as each finishes, so
 a rerun skips what is there) and OUTPUT_paired.csv, and prints the paired table. Distillations
-resume from their checkpoints.
+resume from their checkpoints. A row is named by its grid setting and seed only, so
+OUTPUT_sweep.json records what else made the rows (base config, --split, --num_samples,
+--metrics): a rerun with other values stops with an error instead of skipping rows made
+differently.
 """
 
 import csv
 import itertools
+import json
 import os
 
 from absl import app, flags
@@ -125,12 +129,44 @@ def read_rows(path) -> list:
     return [{**r, "seed": int(r["seed"]), "steps": int(r["steps"])} for r in csv.DictReader(f)]
 
 
+def sweep_identity(config, split, num_samples, metrics) -> dict:
+  """What, besides a row's setting and seed, decides its numbers: flat `section.key` → value."""
+  flat = {}
+  for section, values in config_lib.to_dict(config).items():
+    if isinstance(values, dict):
+      flat.update({f"{section}.{key}": value for key, value in values.items()})
+    else:
+      flat[section] = values
+  identity = {**flat, "split": split, "num_samples": num_samples, "metrics": list(metrics)}
+  return json.loads(json.dumps(identity))  # tuples → lists, as read back
+
+
+def check_same_sweep(output, identity) -> None:
+  """Rows already in OUTPUT_rows.csv were made with this identity (OUTPUT_sweep.json), else a
+  one-line ValueError naming what differs; with no rows yet, records the identity."""
+  path, rows_path = f"{output}_sweep.json", f"{output}_rows.csv"
+  if os.path.exists(rows_path) and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    differ = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
+    if differ:
+      shown = ", ".join(f"{k}: {stored.get(k)!r} there, {identity.get(k)!r} now"
+                        for k in differ[:3])
+      raise ValueError(f"{rows_path} holds rows of another sweep ({shown}"
+                       f"{', …' if len(differ) > 3 else ''}); choose a new --output")
+  elif not os.path.exists(rows_path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(identity, f, indent=1, sort_keys=True)
+
+
 def run(config, workdir, ks, teacher_steps, seeds, pairs, grid, metrics, num_samples, split,
         output, scorers=(None, None)):
   """scorers: (reference LM workdir, feature-net workdir), each or None."""
   config = config_lib.typed(config)
   registry.check_metric_names(metrics)
   points = settings(config, grid)  # a bad grid entry fails before any training
+  check_same_sweep(output, sweep_identity(config, split, num_samples, metrics))
   teacher_dir = os.path.join(workdir, "teacher")
   teacher_run.train_teacher(config, teacher_dir)
   teacher = trained_model.load(teacher_dir)

@@ -1,6 +1,8 @@
-"""bench/sweep.py's paired table over settings swept with different k."""
+"""bench/sweep.py: its paired table over settings swept with different k, its teacher-row cache
+and its refusal to mix rows of differently made sweeps in one output."""
 
 import importlib.util
+import os
 import pathlib
 
 import _helpers
@@ -61,3 +63,39 @@ def test_teacher_rows_are_scored_once_and_equal_an_uncached_run(sweep, tmp_path,
   alone = sweep.read_rows(str(tmp_path / "alone_rows.csv"))
   assert [r for r in both if r["setting"] == "learning_rate=0.002"] == alone
   assert len(alone) == 4  # data, teacher at 2 and 4 steps, the student
+
+
+def _snapshot(root):
+  return {p: p.read_bytes() for p in pathlib.Path(root).rglob("*") if p.is_file()}
+
+
+def test_a_rerun_made_differently_is_refused_before_training_and_changes_nothing(sweep, tmp_path):
+  """Rows of a --split=train sweep in OUTPUT: the same command with --split=eval would skip
+  them as done (a row is named by setting and seed only); it stops with the reason instead,
+  before the teacher is trained, and leaves every file as it was."""
+  from dmmd_jax import config_lib
+  config = _helpers.fast_digits()
+  output = str(tmp_path / "out")
+  made = sweep.sweep_identity(config_lib.typed(config), "train", 16, ["mmd2"])
+  sweep.check_same_sweep(output, made)  # no rows yet: records how they are made
+  sweep.report.write_csv(f"{output}_rows.csv", _rows("", [("teacher", 2, 0.5)], seeds=(0,)))
+  before = _snapshot(tmp_path)
+  with pytest.raises(ValueError, match=r"split: 'train' there, 'eval' now.*new --output"):
+    sweep.run(config=config, workdir=str(tmp_path / "runs"), ks=[2], teacher_steps=[2],
+              seeds=[0], pairs=[(2, 2)], grid=[], metrics=["mmd2"], num_samples=16,
+              split="eval", output=output)
+  assert _snapshot(tmp_path) == before
+  assert not os.path.exists(tmp_path / "runs")
+
+
+def test_only_what_made_the_rows_decides_a_resume(sweep, tmp_path):
+  """The identity that wrote the rows resumes; a changed base config value is named."""
+  from dmmd_jax import config_lib
+  config = config_lib.typed(_helpers.fast_digits())
+  output = str(tmp_path / "out")
+  sweep.check_same_sweep(output, sweep.sweep_identity(config, "eval", 16, ["mmd2"]))
+  sweep.report.write_csv(f"{output}_rows.csv", _rows("", [("teacher", 2, 0.5)], seeds=(0,)))
+  sweep.check_same_sweep(output, sweep.sweep_identity(config, "eval", 16, ["mmd2"]))
+  other = config_lib.replace(config, distill={"batch_size": config.distill.batch_size + 1})
+  with pytest.raises(ValueError, match=r"distill\.batch_size"):
+    sweep.check_same_sweep(output, sweep.sweep_identity(other, "eval", 16, ["mmd2"]))
