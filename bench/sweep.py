@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from dmmd_jax import cli, config_lib, main_job
 from dmmd_jax.evaluation import compare, paired, registry, report
+from dmmd_jax.infra import workdir as workdir_lib
 from dmmd_jax.training import teacher_run, trained_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:small", "")
@@ -131,13 +132,8 @@ def read_rows(path) -> list:
 
 def sweep_identity(config, split, num_samples, metrics) -> dict:
   """What, besides a row's setting and seed, decides its numbers: flat `section.key` → value."""
-  flat = {}
-  for section, values in config_lib.to_dict(config).items():
-    if isinstance(values, dict):
-      flat.update({f"{section}.{key}": value for key, value in values.items()})
-    else:
-      flat[section] = values
-  identity = {**flat, "split": split, "num_samples": num_samples, "metrics": list(metrics)}
+  identity = {**config_lib.flatten(config_lib.to_dict(config)), "split": split,
+              "num_samples": num_samples, "metrics": list(metrics)}
   return json.loads(json.dumps(identity))  # tuples → lists, as read back
 
 
@@ -146,8 +142,7 @@ def check_same_sweep(output, identity) -> None:
   one-line ValueError naming what differs; with no rows yet, records the identity."""
   path, rows_path = f"{output}_sweep.json", f"{output}_rows.csv"
   if os.path.exists(rows_path) and os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+    stored = workdir_lib.read_json(path)
     differ = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
     if differ:
       shown = ", ".join(f"{k}: {stored.get(k)!r} there, {identity.get(k)!r} now"

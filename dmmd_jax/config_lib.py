@@ -267,6 +267,17 @@ def to_dict(config) -> dict:
   return dataclasses.asdict(config)
 
 
+def flatten(config: dict) -> dict:
+  """{"section.key": value} for nested dicts, {"key": value} for top-level values."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update({f"{key}.{k}": v for k, v in value.items()})
+    else:
+      flat[key] = value
+  return flat
+
+
 def to_configdict(config) -> ml_collections.ConfigDict:
   """The locked ConfigDict of a typed config (what config files and flags work on)."""
   return ml_collections.ConfigDict(to_dict(config))

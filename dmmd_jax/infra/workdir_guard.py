@@ -90,17 +90,6 @@ def data_fingerprint(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> str:
   return digest.hexdigest()
 
 
-def _flatten(config: dict) -> dict:
-  """{"section.key": value} for nested dicts, {"key": value} for top-level values."""
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update({f"{key}.{k}": v for k, v in value.items()})
-    else:
-      flat[key] = value
-  return flat
-
-
 def _defining_keys(kind: str, stored: dict, current: dict) -> list:
   keys = []
   for pattern in RUN_DEFINING[kind]:
@@ -126,8 +115,9 @@ def field_mismatches(kind: str, stored_config: dict, config: dict, stored_info: 
   fingerprint; a teacher location that differs does not count when both name the same teacher
   run id.
   """
-  new = _flatten(config)
-  old = {**{k: v for k, v in workdir_lib.ADDED_KEYS.items() if k in new}, **_flatten(stored_config)}
+  new = config_lib.flatten(config)
+  old = {**{k: v for k, v in workdir_lib.ADDED_KEYS.items() if k in new},
+         **config_lib.flatten(stored_config)}
   out = []
   for key in _defining_keys(kind, old, new):
     if _same_value(key, old.get(key), new.get(key)):
