@@ -188,6 +188,39 @@ def copy_rate(tokens) -> CopyRate:
                   position_agreement=float(np.mean(agree)))
 
 
+class MirrorErrors(NamedTuple):
+  """Mirrored pairs (i, L − 1 − i) of a k-step masked sampler's output, by the step that completed
+  them; each field int64 `[k]`, index = the sampler's step (0 = the first, from all-MASK).
+
+  together / together_wrong: pairs whose two positions were unmasked in the same step (the
+    sampler drew both at once, so only a joint draw keeps them equal), and how many disagree;
+  after / after_wrong: pairs whose second position was unmasked in this step while its partner
+    was already visible (a copy), and how many disagree.
+  """
+
+  together: np.ndarray
+  together_wrong: np.ndarray
+  after: np.ndarray
+  after_wrong: np.ndarray
+
+
+def mirror_errors_by_step(tokens, order, steps: int) -> MirrorErrors:
+  """Where a sampler breaks the mirror. tokens, order int `[n, L]` (L even); order from
+  `sampling.sample(..., return_order=True)`: the step in [0, steps) that unmasked each position,
+  −1 for positions given from the start (a prompt), which count as visible before step 0."""
+  tokens, order = np.asarray(tokens), np.asarray(order)
+  if tokens.shape != order.shape or tokens.ndim != 2 or tokens.shape[1] % 2:
+    raise SyntheticError(f"mirror_errors_by_step needs tokens and order of one [n, L] shape with "
+                         f"L even, got {tokens.shape} and {order.shape}.")
+  h = tokens.shape[1] // 2
+  wrong = tokens[:, :h] != tokens[:, ::-1][:, :h]
+  first, last = (f(order[:, :h], order[:, ::-1][:, :h]) for f in (np.minimum, np.maximum))
+  at_step = last[None] == np.arange(steps)[:, None, None]  # [steps, n, h]
+  together, after = at_step & (first == last)[None], at_step & (first < last)[None]
+  return MirrorErrors(*(np.sum(m, axis=(1, 2)) for m in (together, together & wrong[None],
+                                                          after, after & wrong[None])))
+
+
 class ExactNLL(NamedTuple):
   """nll: mean −log p_data (nats/sequence) over valid samples (nan if none); valid_fraction."""
 

@@ -17,7 +17,9 @@ Options:
 - `noise`: the D-MMD student's Gaussian input, drawn fresh at every step;
 - prompts and infilling (`fixed`, `fixed_tokens`): fixed positions hold their given token at
   every step (masked: they start unmasked and are never masked; uniform: clamped after every
-  step), the other positions are sampled given them (`data/prompts.py` builds the arrays).
+  step), the other positions are sampled given them (`data/prompts.py` builds the arrays);
+- `return_order` (masked only): also the step at which each position was unmasked, to see which
+  step of a few-step sampler makes an error (`bench/mirror_errors.py`).
 """
 
 import dataclasses
@@ -122,7 +124,7 @@ def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size,
   use_cache = cfg.cache and kernel.is_masked and noise_fn is None
 
   def step(carry, i):
-    z, prev_z, prev_logits = carry
+    z, prev_z, prev_logits, order = carry
     t, s = grid[i], grid[i + 1]
     noise_key, draw_key = jax.random.split(jax.random.fold_in(key, i))
     if use_cache:
@@ -131,12 +133,15 @@ def _scan_sampler(key, apply_fn, params, kernel, cfg: SamplerConfig, batch_size,
     else:
       logits = network(z, t, noise_key)
     z_s = clamp(reverse_step(draw_key, kernel, cfg, z, logits, s, t), fixed, fixed_tokens)
-    return (z_s, z, logits), None
+    if kernel.is_masked:
+      order = jnp.where((z == kernel.mask_id) & (z_s != kernel.mask_id), i.astype(order.dtype),
+                        order)
+    return (z_s, z, logits, order), None
 
   init_logits = jnp.zeros((batch_size, seq_len, kernel.vocab_size), jnp.float32)
-  init = (z, jnp.full_like(z, -1), init_logits)
-  (z, _, _), _ = jax.lax.scan(step, init, jnp.arange(cfg.steps))
-  return z
+  init = (z, jnp.full_like(z, -1), init_logits, jnp.full_like(z, -1))
+  (z, _, _, order), _ = jax.lax.scan(step, init, jnp.arange(cfg.steps))
+  return z, order
 
 
 _jitted_sampler = jax.jit(_scan_sampler, static_argnums=(1, 3, 4, 5, 6, 7))
@@ -144,18 +149,25 @@ _jitted_sampler = jax.jit(_scan_sampler, static_argnums=(1, 3, 4, 5, 6, 7))
 
 def sample(key, apply_fn, params, kernel: forward_process.ForwardProcess, cfg: SamplerConfig,
            batch_size: int,
-           seq_len: int, noise_fn=None, fixed=None, fixed_tokens=None):
+           seq_len: int, noise_fn=None, fixed=None, fixed_tokens=None, return_order: bool = False):
   """Draw `[batch_size, seq_len]` int32 tokens with `cfg.steps` ancestral steps.
 
   apply_fn(params, tokens, t, noise) → logits `[batch, length, K]` (hashable, e.g. a
   `functools.partial` of `denoiser.apply`); noise_fn(key, batch) → noise or None, drawn fresh at
   every step (students). fixed: bool `[batch, seq_len]` (or broadcastable) and fixed_tokens: int
   `[batch, seq_len]` in [0, K) — a prompt or infilling template; the fixed tokens appear unchanged
-  in the output. Deterministic for a given key.
+  in the output. Deterministic for a given key. return_order (masked kernels): also return int32
+  `[batch_size, seq_len]`, the index i ∈ [0, steps) of the step from grid time t_i that unmasked
+  each position (−1 for fixed positions); the tokens are the same as without it.
   """
   cfg.validate()
+  if return_order and not kernel.is_masked:
+    raise ValueError("return_order needs a masked kernel: uniform positions have no unmasking "
+                     "step.")
   args = (key, apply_fn, params, kernel, cfg, batch_size, seq_len, noise_fn, fixed, fixed_tokens)
   if cfg.float64:
     with jax.enable_x64(True):
-      return _jitted_sampler(*args)
-  return _jitted_sampler(*args)
+      tokens, order = _jitted_sampler(*args)
+  else:
+    tokens, order = _jitted_sampler(*args)
+  return (tokens, order) if return_order else tokens

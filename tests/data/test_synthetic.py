@@ -71,6 +71,27 @@ def test_copy_rate_of_true_and_broken_samples():
   assert synthetic.copy_rate(one_wrong) == (0.0, pytest.approx(7 / 8))
 
 
+def test_mirror_errors_by_step_against_a_loop_over_pairs():
+  rng = np.random.default_rng(3)
+  n, length, steps = 300, 8, 3
+  tokens = rng.integers(0, 2, (n, length))
+  order = rng.integers(-1, steps, (n, length))
+  want = np.zeros((4, steps), int)  # together, together wrong, after, after wrong
+  for row, when in zip(tokens, order, strict=True):
+    for i in range(length // 2):
+      a, b, wrong = when[i], when[length - 1 - i], row[i] != row[length - 1 - i]
+      if max(a, b) < 0:
+        continue  # both given from the start: completed by no step
+      kind = 0 if a == b else 2
+      want[kind, max(a, b)] += 1
+      want[kind + 1, max(a, b)] += wrong
+  got = synthetic.mirror_errors_by_step(tokens, order, steps)
+  np.testing.assert_array_equal(np.stack(got), want)
+  assert want[0].sum() > 0 and want[3].sum() > 0
+  with pytest.raises(synthetic.SyntheticError, match="one \\[n, L\\] shape"):
+    synthetic.mirror_errors_by_step(tokens, order[:, 1:], steps)
+
+
 def test_exact_nll_counts_only_valid_samples():
   samples = synthetic.sample(SOURCE, 4000, seed=7)
   result = synthetic.exact_nll(SOURCE, samples)

@@ -264,6 +264,47 @@ def test_masked_sampler_never_changes_unmasked_positions_and_ends_unmasked():
   assert out.min() >= 0 and out.max() < MASKED_K  # no MASK left
 
 
+def test_unmasking_order_is_the_step_that_revealed_each_position():
+  kernel = forward_process.ForwardProcess("masked", MASKED_K)
+  params = jnp.asarray(np.random.default_rng(2).normal(size=(MASKED_K + 1, MASKED_K)), jnp.float32)
+  cfg = SamplerConfig(steps=MASKED_STEPS)
+  recorded_calls()
+  out, order = sampling.sample(jax.random.key(4), recording_apply, params, kernel, cfg,
+                               *MASKED_SHAPE, return_order=True)
+  traj = [c[1] for c in recorded_calls()] + [np.asarray(out)]
+  # Brute force from the trajectory: step i maps traj[i] to traj[i + 1].
+  revealed = np.stack([(a == MASKED_K) & (b != MASKED_K)
+                       for a, b in zip(traj[:-1], traj[1:], strict=True)])
+  assert np.all(revealed.sum(axis=0) == 1)  # every position is revealed exactly once
+  np.testing.assert_array_equal(order, np.argmax(revealed, axis=0))
+  assert len(np.unique(order)) > 2  # a real spread over the steps
+  np.testing.assert_array_equal(out, sample_masked(4))  # the order changes no token
+  recorded_calls()
+
+
+def test_unmasking_order_frequencies_follow_the_schedule_and_prompts_are_minus_one():
+  """P(position revealed in step i) = α(t_{i+1}) − α(t_i) for a masked kernel, any denoiser."""
+  kernel = forward_process.ForwardProcess("masked", 3, "cosine")
+  steps, batch, length = 4, 4000, 8
+  fixed = jnp.zeros((1, length), bool).at[0, 0].set(True)
+  _, order = sampling.sample(jax.random.key(5), const_apply, jnp.zeros(3), kernel,
+                             SamplerConfig(steps=steps), batch, length, fixed=fixed,
+                             fixed_tokens=jnp.zeros((batch, length), jnp.int32),
+                             return_order=True)
+  order = np.asarray(order)
+  assert np.all(order[:, 0] == -1)
+  alpha = np.asarray(schedules.alpha(schedules.time_grid(steps), "cosine"), np.float64)
+  assert_binomial(np.bincount(order[:, 1:].ravel(), minlength=steps), np.diff(alpha),
+                  batch * (length - 1))
+
+
+def test_unmasking_order_needs_a_masked_kernel():
+  kernel = forward_process.ForwardProcess("uniform", 3)
+  with pytest.raises(ValueError, match="masked kernel"):
+    sampling.sample(jax.random.key(0), const_apply, jnp.zeros(3), kernel, SamplerConfig(steps=2),
+                    2, 4, return_order=True)
+
+
 def test_uniform_sampler_ids_in_range_and_grid():
   recorded_calls()
   out = sample_uniform(5)
