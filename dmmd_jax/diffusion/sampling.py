@@ -157,8 +157,8 @@ def sample(key, apply_fn, params, kernel: forward_process.ForwardProcess, cfg: S
   every step (students). fixed: bool `[batch, seq_len]` (or broadcastable) and fixed_tokens: int
   `[batch, seq_len]` in [0, K) — a prompt or infilling template; the fixed tokens appear unchanged
   in the output. Deterministic for a given key. return_order (masked kernels): also return int32
-  `[batch_size, seq_len]`, the index i ∈ [0, steps) of the step from grid time t_i that unmasked
-  each position (−1 for fixed positions); the tokens are the same as without it.
+  `[batch_size, seq_len]`, the index in [0, steps) of the step that unmasked each position (0 =
+  the first step, from t = 1; −1 for fixed positions); the tokens are the same as without it.
   """
   cfg.validate()
   if return_order and not kernel.is_masked:
