@@ -22,6 +22,7 @@ import numpy as np
 
 from dmmd_jax.data import synthetic
 from dmmd_jax.diffusion import sampling
+from dmmd_jax.evaluation import compare
 from dmmd_jax.infra import outputs
 from dmmd_jax.training import setup as setup_lib
 from dmmd_jax.training import trained_model
@@ -59,9 +60,12 @@ def print_table(row: dict) -> None:
         "of them wrong")
   for i in range(row["steps"]):
     together, after = row["together"][i], row["after"][i]
-    rate = lambda wrong, n: f"{wrong / n:.4f}" if n else "–"  # noqa: E731
-    print(f"  {i:4d} | {together:20d} | {rate(row['together_wrong'][i], together):>13} | "
-          f"{after:35d} | {rate(row['after_wrong'][i], after):>13}")
+    print(f"  {i:4d} | {together:20d} | {_fraction(row['together_wrong'][i], together):>13} | "
+          f"{after:35d} | {_fraction(row['after_wrong'][i], after):>13}")
+
+
+def _fraction(part: int, whole: int) -> str:
+  return f"{part / whole:.4f}" if whole else "–"
 
 
 def main():
@@ -77,9 +81,7 @@ def main():
   try:
     if args.output:
       outputs.check_writable_file(args.output)
-    steps = [int(k) for k in args.steps.split(",") if k.strip().isdigit()]
-    if len(steps) != len([k for k in args.steps.split(",") if k]) or 0 in steps:
-      raise ValueError(f"--steps must be comma-separated positive integers, got {args.steps!r}.")
+    steps = compare.parse_steps(args.steps.split(",")) if args.steps else []
     if args.num_samples <= 0:
       raise ValueError(f"--num_samples must be positive, got {args.num_samples}.")
     models = [trained_model.load(w) for w in args.workdirs.split(",")]
