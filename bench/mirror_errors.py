@@ -81,7 +81,10 @@ def main():
   try:
     if args.output:
       outputs.check_writable_file(args.output)
-    steps = compare.parse_steps(args.steps.split(",")) if args.steps else []
+    steps = args.steps.split(",") if args.steps else []
+    if steps:
+      compare.parse_steps(steps)  # ValueError unless all are positive integers
+    steps = [int(k) for k in steps]  # in the given order (parse_steps sorts)
     if args.num_samples <= 0:
       raise ValueError(f"--num_samples must be positive, got {args.num_samples}.")
     models = [trained_model.load(w) for w in args.workdirs.split(",")]
